@@ -1,0 +1,109 @@
+"""Hosts: what the core knows of a model family.
+
+A domain describes each model family it supports (timm ``VisionTransformer``, open_clip ``CLIP``,
+diffusers ``UNet2DConditionModel``, ...) as a :class:`Host`: how to recognise it, which modules a
+LoRA targets by default, where the classification head is. Generic methods (``lora``, ``bitfit``)
+ask the host instead of knowing any library. Hosts are declared as entry points in the group
+``visionpeft.hosts`` (each pointing to a ``Host`` or a list of them) and loaded on first lookup.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from visionpeft.errors import RegistryError
+
+ENTRY_POINT_GROUP = "visionpeft.hosts"
+
+_hosts: dict[str, Host] = {}
+_lock = threading.RLock()
+_entry_points_loaded = False
+
+
+@dataclass(frozen=True)
+class Host:
+    """The description of one model family.
+
+    Args:
+        family: a stable name recorded in adapter files, e.g. ``"timm.VisionTransformer"``.
+        matches: whether a model belongs to the family. It must not import heavy libraries
+            unless the model's class comes from them.
+        lora_targets: full-match regular expressions over qualified module names that a LoRA
+            adapts by default.
+        head: qualified name of the classification head that methods train for a new task,
+            or ``None`` when the family has none.
+        enable_gradient_checkpointing: turns activation checkpointing on, when the family has it.
+    """
+
+    family: str
+    matches: Callable[[nn.Module], bool]
+    lora_targets: Sequence[str] = ()
+    head: str | None = None
+    enable_gradient_checkpointing: Callable[[nn.Module], None] | None = None
+
+
+def register_host(host: Host) -> Host:
+    """Register a model family; a second host with the same ``family`` is an error."""
+    if not isinstance(host, Host):
+        raise RegistryError(f"register_host expects a visionpeft.hosts.Host, got {host!r}")
+    with _lock:
+        existing = _hosts.get(host.family)
+        if existing is not None and existing is not host:
+            raise RegistryError(f"a host for family {host.family!r} is already registered")
+        _hosts[host.family] = host
+    return host
+
+
+def unregister_host(family: str) -> None:
+    """Remove a host (for tests and interactive sessions)."""
+    with _lock:
+        _hosts.pop(family, None)
+
+
+def _ensure_entry_points() -> None:
+    global _entry_points_loaded
+    with _lock:
+        if _entry_points_loaded:
+            return
+        _entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                loaded = ep.load()
+            except ImportError:
+                # The domain's library is not installed, so no model of that family can exist.
+                continue
+            for host in loaded if isinstance(loaded, (list, tuple)) else [loaded]:
+                if host.family not in _hosts:
+                    register_host(host)
+
+
+def find_host(model: nn.Module) -> Host | None:
+    """The registered host whose ``matches`` accepts ``model``, or ``None``."""
+    _ensure_entry_points()
+    with _lock:
+        candidates = list(_hosts.values())
+    for host in candidates:
+        if host.matches(model):
+            return host
+    return None
+
+
+def list_hosts() -> list[Host]:
+    """Every registered host, sorted by family name."""
+    _ensure_entry_points()
+    with _lock:
+        return sorted(_hosts.values(), key=lambda h: h.family)
+
+
+def model_family(model: nn.Module) -> str:
+    """The host family of ``model``, or its class's qualified name when no host knows it."""
+    host = find_host(model)
+    if host is not None:
+        return host.family
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,139 @@
+"""The base class of every method, and the record an attached adapter leaves on its model.
+
+A method subclass declares ``name``, ``domain``, ``description`` and a ``Config`` dataclass and
+implements :meth:`Method.attach`, :meth:`Method.detach` and :meth:`Method.trained_tensors`. One
+instance is created per attached adapter and keeps what it needs to undo its changes. The
+freezing policy, the bookkeeping of several adapters, saving and loading are done once, in
+:mod:`visionpeft.api`, for every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from visionpeft.config import MethodConfig
+from visionpeft.errors import AdapterError, AdapterMismatchError
+from visionpeft.hosts import find_host, list_hosts
+
+STATE_ATTR = "_visionpeft_state"
+
+
+class Method:
+    """A parameter-efficient adaptation method.
+
+    Class attributes:
+        name: the registry name (``"lora"``).
+        domain: ``"core"`` for generic methods, else ``"vit"``, ``"vla"`` or ``"diffusion"``.
+        description: one line for ``visionpeft methods``.
+        Config: the :class:`~visionpeft.config.MethodConfig` subclass with the paper's defaults.
+        mergeable: whether :meth:`merge` can fold the adapter into the base weights.
+        freezes_base: whether the base model's parameters are frozen when the method attaches.
+    """
+
+    name: ClassVar[str] = ""
+    domain: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]]
+    mergeable: ClassVar[bool] = False
+    freezes_base: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
+        self.config = config
+        self.adapter_name = adapter_name
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether this method can adapt ``model``; by default, whether a host knows its family."""
+        return find_host(model) is not None
+
+    @classmethod
+    def supported_families(cls) -> list[str]:
+        """Names of the model families this method adapts, for error messages."""
+        return [h.family for h in list_hosts()]
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Insert the adapter's modules and parameters into ``model``; return the model to use.
+
+        New parameters must require gradients; the caller freezes the base afterwards when
+        :attr:`freezes_base` is set.
+        """
+        raise NotImplementedError
+
+    def detach(self, model: nn.Module) -> nn.Module:
+        """Remove everything :meth:`attach` inserted and return the original model."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the adapter into the base weights and remove its modules; return the model."""
+        raise AdapterError(f"method {self.name!r} cannot be merged into the base weights; use vp.detach")
+
+    def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The live tensors this adapter trains, keyed without the adapter name.
+
+        These are the tensors saved in ``adapter.safetensors`` and filled by
+        :meth:`load_trained_tensors`.
+        """
+        raise NotImplementedError
+
+    def load_trained_tensors(self, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy saved tensors into the adapter; keys and shapes must match exactly."""
+        live = self.trained_tensors(model)
+        missing = sorted(set(live) - set(tensors))
+        unexpected = sorted(set(tensors) - set(live))
+        wrong = sorted(k for k in set(live) & set(tensors) if tuple(live[k].shape) != tuple(tensors[k].shape))
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing from the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if unexpected:
+                parts.append(f"not in this adapter: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            if wrong:
+                parts.append(
+                    "shape differs: "
+                    + ", ".join(f"{k} {tuple(tensors[k].shape)} vs {tuple(live[k].shape)}" for k in wrong[:5])
+                )
+            raise AdapterMismatchError(
+                f"the saved {self.name!r} tensors do not fit this adapter ({'; '.join(parts)}); was it "
+                "saved with another config or base model?"
+            )
+        with torch.no_grad():
+            for k, t in live.items():
+                t.copy_(tensors[k])
+
+    def set_train_mode(self, model: nn.Module, mode: bool) -> None:
+        """Called after ``model.train(mode)`` by the trainer; e.g. keep a frozen backbone in eval."""
+
+
+@dataclass
+class Attachment:
+    """One attached adapter: the method instance and what to restore when it is detached."""
+
+    method: Method
+    requires_grad: dict[int, bool]
+    training: dict[str, bool]
+
+
+@dataclass
+class AdapterState:
+    """What visionpeft records on an adapted model: the base model's identity and its adapters."""
+
+    base: dict[str, Any]
+    adapters: dict[str, Attachment] = field(default_factory=dict)
+
+
+def get_state(model: nn.Module) -> AdapterState | None:
+    """The adapter record of ``model``, or ``None`` if nothing is attached."""
+    return model.__dict__.get(STATE_ATTR)
+
+
+def set_state(model: nn.Module, state: AdapterState | None) -> None:
+    """Store (or clear, with ``None``) the adapter record on ``model``."""
+    if state is None or not state.adapters:
+        model.__dict__.pop(STATE_ATTR, None)
+    else:
+        model.__dict__[STATE_ATTR] = state

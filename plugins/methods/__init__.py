@@ -1,0 +1,1 @@
+"""Generic methods that adapt any registered host: ``lora`` (through peft) and ``bitfit``."""

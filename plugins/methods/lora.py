@@ -1,0 +1,141 @@
+"""LoRA (Hu et al., 2021) on any registered host, through peft.
+
+The low-rank update ``W + (alpha / r) * B A`` is injected with peft's ``inject_adapter_in_model``,
+the same entry point diffusers uses, so saved tensors follow peft's key conventions
+(``<module>.lora_A.weight``). Targets are resolved by visionpeft's one matching rule (full-match
+patterns) before peft sees them, so ``patch_embed.proj`` is never caught by a ``proj`` target.
+peft is imported only when a LoRA is attached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import torch
+from torch import nn
+
+from visionpeft.config import MethodConfig, field
+from visionpeft.errors import ConfigError
+from visionpeft.hosts import find_host
+from visionpeft.inject import find_modules, replace_module
+from visionpeft.method import Method
+from visionpeft.methods._head import attach_head, detach_head, head_tensors, merge_head
+
+LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
+
+
+@dataclasses.dataclass
+class LoRAConfig(MethodConfig):
+    """Hyper-parameters of LoRA; the defaults are PEFT's (r 8, alpha 8, no dropout)."""
+
+    r: int = field(8, help="rank of the update", ge=1)
+    alpha: float = field(8.0, help="scale numerator: the update is multiplied by alpha / r", gt=0)
+    dropout: float = field(0.0, help="dropout on the LoRA branch's input", ge=0, lt=1)
+    targets: list[str] | None = field(
+        None, help="full-match patterns over module names; default: the host's LoRA targets"
+    )
+    init: Literal["kaiming", "gaussian"] = field(
+        "kaiming", help="init of A (B is zero, so the model starts unchanged); 'gaussian' as diffusers"
+    )
+    train_head: bool = field(True, help="train a copy of the host's classification head, if it has one")
+
+
+def _strip_adapter(name: str, adapter_name: str) -> str | None:
+    """``a.lora_A.<adapter>.weight`` → ``a.lora_A.weight``; ``None`` for other tensors."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i] == adapter_name and parts[i - 1].startswith("lora_"):
+            return ".".join(parts[:i] + parts[i + 1 :])
+    return None
+
+
+class LoRA(Method):
+    """Low-rank updates of the host's linear and convolution layers (peft implementation)."""
+
+    name = "lora"
+    domain = "core"
+    description = "LoRA low-rank updates (through peft) on any host's linear/conv layers; mergeable"
+    Config = LoRAConfig
+    mergeable = True
+    _head: str | None = None
+
+    def _targets(self, model: nn.Module) -> tuple[list[str], str | None]:
+        host = find_host(model)
+        patterns = self.config.targets if self.config.targets is not None else list(host.lora_targets)
+        if not patterns:
+            raise ConfigError(f"lora.targets: the host {host.family!r} has no default LoRA targets; pass targets=")
+        names = find_modules(model, patterns)
+        wrong = [n for n in names if not isinstance(model.get_submodule(n), LORA_LAYER_TYPES)]
+        if wrong:
+            kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in wrong[:4])
+            raise ConfigError(
+                f"lora.targets matched modules LoRA cannot adapt: {kinds}; target Linear, Conv or "
+                "Embedding layers by their full names"
+            )
+        head = host.head if self.config.train_head else None
+        if head is not None and any(n == head or n.startswith(head + ".") for n in names):
+            raise ConfigError(f"lora.targets matched the head {head!r}, which is trained whole; exclude it")
+        return names, head
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names, head = self._targets(model)
+        self._head = head
+        peft_config = LoraConfig(
+            r=self.config.r,
+            lora_alpha=self.config.alpha,
+            lora_dropout=self.config.dropout,
+            target_modules="(" + "|".join(re.escape(n) for n in names) + ")",
+            init_lora_weights=True if self.config.init == "kaiming" else "gaussian",
+        )
+        inject_adapter_in_model(peft_config, model, adapter_name=self.adapter_name)
+        # peft activates only the newest adapter; every attached visionpeft adapter stays active.
+        for layer in self._layers(model):
+            layer.set_adapter(list(layer.lora_A.keys()))
+        for n, p in model.named_parameters():
+            if _strip_adapter(n, self.adapter_name) is not None:
+                p.requires_grad_(True)
+        if head is not None:
+            attach_head(model, head, self.adapter_name)
+        return model
+
+    def _layers(self, model: nn.Module) -> list[nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in model.modules() if isinstance(m, LoraLayer) and self.adapter_name in m.lora_A]
+
+    def _remove(self, model: nn.Module) -> None:
+        for name, module in list(model.named_modules()):
+            if module in self._layers(model):
+                module.delete_adapter(self.adapter_name)
+                if not module.lora_A:
+                    replace_module(model, name, module.get_base_layer())
+
+    def detach(self, model: nn.Module) -> nn.Module:
+        self._remove(model)
+        if self._head is not None:
+            detach_head(model, self._head, self.adapter_name)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        for layer in self._layers(model):
+            layer.merge(adapter_names=[self.adapter_name])
+            # The update now lives in the base weight; forget that peft merged it.
+            layer.merged_adapters.remove(self.adapter_name)
+        self._remove(model)
+        if self._head is not None:
+            merge_head(model, self._head, self.adapter_name)
+        return model
+
+    def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for n, p in model.named_parameters():
+            key = _strip_adapter(n, self.adapter_name)
+            if key is not None:
+                tensors[key.replace(".base_layer.", ".")] = p
+        if self._head is not None:
+            tensors.update(head_tensors(model, self._head, self.adapter_name))
+        return tensors

@@ -1,0 +1,187 @@
+"""Run configs: the YAML file behind ``visionpeft train`` and ``visionpeft eval``.
+
+Sections: ``task`` (``vit``, ``vla`` or ``diffusion``), ``model``, ``method``, ``data``, ``train``
+and ``output_dir``. Everything is validated at once, before any model is built: a wrong key or
+value raises :class:`~visionpeft.errors.ConfigError` with the key's path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from visionpeft.config import build_dataclass, field, validate_fields
+from visionpeft.errors import ConfigError
+
+SECTIONS = ("task", "model", "method", "data", "train", "output_dir")
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """Which backbone to build: a library model name, pretrained weights or a local checkpoint."""
+
+    name: str | None = field(None, help="the library's model name, e.g. vit_base_patch16_224.orig_in21k")
+    pretrained: bool | str = field(False, help="load the library's pretrained weights (or a pretrained tag)")
+    checkpoint: str | None = field(None, help="a local checkpoint file or folder, used instead of the hub")
+    kwargs: dict[str, Any] = field({}, help="keyword arguments passed to the library's constructor")
+
+    def __post_init__(self) -> None:
+        validate_fields(self, "model.")
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Where the data is; the format's own keys are kept in ``options`` for the domain to check."""
+
+    format: str | None = field(None, help="the data format, e.g. vtab, fgvc, imagefolder")
+    root: str | None = field(None, help="the data set's root folder")
+    train_split: str | None = field(None, help="the split to train on")
+    eval_split: str | None = field(None, help="the split to evaluate on")
+    options: dict[str, Any] = field({}, help="the format's own keys")
+
+    def __post_init__(self) -> None:
+        validate_fields(self, "data.")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The trainer's settings: schedule, optimizer, precision, logging and checkpoints."""
+
+    epochs: int | None = field(None, help="passes over the training set (used when max_steps is unset)", ge=1)
+    max_steps: int | None = field(None, help="optimizer steps in all; overrides epochs", ge=1)
+    batch_size: int = field(32, help="samples per micro-batch on each process", ge=1)
+    lr: float = field(1e-3, help="peak learning rate", gt=0)
+    weight_decay: float = field(0.0, help="decoupled (AdamW) or L2 (SGD) weight decay", ge=0)
+    optimizer: Literal["sgd", "adamw"] = field("adamw", help="optimizer over the trainable parameters")
+    momentum: float = field(0.9, help="SGD momentum", ge=0, lt=1)
+    betas: tuple[float, ...] = field((0.9, 0.999), help="AdamW betas", ge=0, lt=1)
+    scheduler: Literal["cosine", "constant"] = field("cosine", help="learning-rate schedule after warmup")
+    warmup_steps: int | None = field(None, help="linear warmup length in optimizer steps", ge=0)
+    warmup_epochs: float | None = field(None, help="linear warmup length in epochs", ge=0)
+    min_lr: float = field(0.0, help="learning rate at the end of the cosine schedule", ge=0)
+    seed: int = field(0, help="seed of the model's init, data order and dropout", ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = field("fp32", help="autocast precision; trained tensors stay fp32")
+    grad_accum: int = field(1, help="micro-batches per optimizer step", ge=1)
+    max_grad_norm: float | None = field(None, help="clip the gradient norm to this value", gt=0)
+    decay_all: bool = field(False, help="also decay biases, norms and prompt tokens")
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward (saves memory)")
+    eval_every: int = field(0, help="evaluate every N optimizer steps (0: only at the end)", ge=0)
+    save_every: int = field(0, help="checkpoint every N optimizer steps (0: only at the end)", ge=0)
+    keep_last: int = field(2, help="checkpoints to keep", ge=1)
+    log_every: int = field(10, help="write the training loss to metrics.jsonl every N steps", ge=1)
+    num_workers: int = field(0, help="data-loading worker processes", ge=0)
+    shuffle: bool = field(True, help="shuffle the training set each epoch")
+    drop_last: bool = field(False, help="drop the last incomplete batch of each epoch")
+    progress: bool = field(True, help="show tqdm progress bars")
+
+    def __post_init__(self) -> None:
+        validate_fields(self, "train.")
+        if self.epochs is None and self.max_steps is None:
+            raise ConfigError("train: set train.epochs or train.max_steps")
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ConfigError("train: set train.warmup_steps or train.warmup_epochs, not both")
+        if self.optimizer == "adamw" and len(self.betas) != 2:
+            raise ConfigError(f"train.betas: AdamW takes two betas, got {list(self.betas)}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A whole validated run config."""
+
+    task: str
+    model: ModelSection
+    method: dict[str, Any]
+    data: DataSection
+    train: TrainConfig
+    output_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the resolved ``config.yaml`` of a run."""
+        out = dataclasses.asdict(self)
+        data = out["data"]
+        data.update(data.pop("options"))
+        out["train"]["betas"] = list(out["train"]["betas"])
+        return out
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {dotted!r}: a key path is names joined by dots, e.g. train.lr")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a copy of ``tree``."""
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.lr=0.01")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def parse_run_config(tree: Any) -> RunConfig:
+    """Validate a run-config mapping; the method's keys are checked against its config."""
+    from visionpeft.api import config as method_config
+    from visionpeft.task import get_task
+
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a run config is a mapping with the sections {list(SECTIONS)}, got {type(tree).__name__}")
+    unknown = sorted(set(tree) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; a run config has {list(SECTIONS)}")
+    for required in ("task", "method", "train"):
+        if required not in tree:
+            raise ConfigError(f"{required}: missing; a run config needs the sections task, method and train")
+    if not isinstance(tree["task"], str):
+        raise ConfigError(f"task: expected one of 'vit', 'vla', 'diffusion', got {tree['task']!r}")
+    model = build_dataclass(ModelSection, tree.get("model") or {}, "model.")
+    data_tree = dict(tree.get("data") or {})
+    known = {f.name for f in dataclasses.fields(DataSection)} - {"options"}
+    options = {k: data_tree.pop(k) for k in list(data_tree) if k not in known}
+    data = build_dataclass(DataSection, {**data_tree, "options": options}, "data.")
+    method = tree["method"]
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        raise ConfigError("method.name: missing; give the method's registry name, e.g. method: {name: lora}")
+    try:
+        method_config(method["name"], **{k: v for k, v in method.items() if k != "name"})
+    except ConfigError as err:
+        raise ConfigError(f"method: {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"method.name: {err}") from err
+    train = build_dataclass(TrainConfig, tree.get("train") or {}, "train.")
+    output_dir = tree.get("output_dir", "runs/run")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(f"output_dir: expected a folder path, got {output_dir!r}")
+    run = RunConfig(tree["task"], model, dict(method), data, train, output_dir)
+    get_task(run.task).check_config(run)
+    return run
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and validate it."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return parse_run_config(apply_overrides(tree, overrides or []))
