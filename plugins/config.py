@@ -162,7 +162,7 @@ class MethodConfig:
     method: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        validate_fields(self)
+        validate_fields(self, f"{self.method or type(self).__name__}.")
         self.check()
 
     def check(self) -> None:

@@ -33,6 +33,8 @@ class Method:
         Config: the :class:`~visionpeft.config.MethodConfig` subclass with the paper's defaults.
         mergeable: whether :meth:`merge` can fold the adapter into the base weights.
         freezes_base: whether the base model's parameters are frozen when the method attaches.
+        starts_as_identity: whether the adapted model's output equals the base model's at attach
+            (zero-initialised adapters); the conformance suite checks it.
     """
 
     name: ClassVar[str] = ""
@@ -41,6 +43,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = False
     freezes_base: ClassVar[bool] = True
+    starts_as_identity: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         self.config = config

@@ -44,8 +44,11 @@ class Task:
     def check_config(cls, run: Any) -> None:
         """Validate the domain's keys of ``run``; raise :class:`ConfigError` naming the key path."""
 
-    def build_model(self) -> nn.Module:
-        """Build the backbone and attach the method; return the model to train."""
+    def build_model(self, adapter: str | os.PathLike | None = None) -> nn.Module:
+        """Build the backbone and attach the method; return the model to use.
+
+        With ``adapter``, load that saved adapter (``vp.load``) instead of attaching a new one.
+        """
         raise NotImplementedError
 
     def train_dataset(self) -> Dataset:

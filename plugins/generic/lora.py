@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Literal
 
 import torch
@@ -21,7 +22,7 @@ from visionpeft.errors import ConfigError
 from visionpeft.hosts import find_host
 from visionpeft.inject import find_modules, replace_module
 from visionpeft.method import Method
-from visionpeft.methods._head import attach_head, detach_head, head_tensors, merge_head
+from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
 
@@ -59,6 +60,7 @@ class LoRA(Method):
     description = "LoRA low-rank updates (through peft) on any host's linear/conv layers; mergeable"
     Config = LoRAConfig
     mergeable = True
+    starts_as_identity = True
     _head: str | None = None
 
     def _targets(self, model: nn.Module) -> tuple[list[str], str | None]:
@@ -66,8 +68,10 @@ class LoRA(Method):
         patterns = self.config.targets if self.config.targets is not None else list(host.lora_targets)
         if not patterns:
             raise ConfigError(f"lora.targets: the host {host.family!r} has no default LoRA targets; pass targets=")
+        from peft.tuners.lora import LoraLayer
+
         names = find_modules(model, patterns)
-        wrong = [n for n in names if not isinstance(model.get_submodule(n), LORA_LAYER_TYPES)]
+        wrong = [n for n in names if not isinstance(model.get_submodule(n), (*LORA_LAYER_TYPES, LoraLayer))]
         if wrong:
             kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in wrong[:4])
             raise ConfigError(
@@ -91,7 +95,10 @@ class LoRA(Method):
             target_modules="(" + "|".join(re.escape(n) for n in names) + ")",
             init_lora_weights=True if self.config.init == "kaiming" else "gaussian",
         )
-        inject_adapter_in_model(peft_config, model, adapter_name=self.adapter_name)
+        with warnings.catch_warnings():
+            # Several named adapters on one model are intended here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(peft_config, model, adapter_name=self.adapter_name)
         # peft activates only the newest adapter; every attached visionpeft adapter stays active.
         for layer in self._layers(model):
             layer.set_adapter(list(layer.lora_A.keys()))
@@ -108,11 +115,17 @@ class LoRA(Method):
         return [m for m in model.modules() if isinstance(m, LoraLayer) and self.adapter_name in m.lora_A]
 
     def _remove(self, model: nn.Module) -> None:
+        layers = {id(m) for m in self._layers(model)}
         for name, module in list(model.named_modules()):
-            if module in self._layers(model):
+            if id(module) in layers:
                 module.delete_adapter(self.adapter_name)
                 if not module.lora_A:
                     replace_module(model, name, module.get_base_layer())
+        # inject_adapter_in_model records its config on the model; leave no trace of it.
+        configs = model.__dict__.get("peft_config", {})
+        configs.pop(self.adapter_name, None)
+        if not configs:
+            model.__dict__.pop("peft_config", None)
 
     def detach(self, model: nn.Module) -> nn.Module:
         self._remove(model)

@@ -19,7 +19,7 @@ from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError, NoMatchError
 from visionpeft.hosts import find_host
 from visionpeft.method import Method, get_state
-from visionpeft.methods._head import attach_head, detach_head, head_tensors, merge_head
+from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
 from visionpeft.modules import AddDelta, TrainableCopy
 
 
@@ -47,6 +47,7 @@ class BitFit(Method):
     description = "BitFit: train only the bias terms (plus the task head) of any host; mergeable"
     Config = BitFitConfig
     mergeable = True
+    starts_as_identity = True
     _head: str | None = None
     _targets: tuple[tuple[str, str], ...] = ()
 

@@ -1,0 +1,128 @@
+"""The ``visionpeft`` command line.
+
+::
+
+    visionpeft methods [--domain vit]
+    visionpeft train CONFIG.yaml [--set key.path=value ...] [--resume]
+    visionpeft eval CONFIG.yaml --adapter DIR [--set key.path=value ...]
+    visionpeft demo [options passed to the demo]
+
+Errors in the user's input print one line saying what is wrong and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from visionpeft._version import __version__
+from visionpeft.errors import ConfigError, VisionPeftError
+
+DEMO_ENTRY_POINT_GROUP = "visionpeft.demos"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visionpeft", description="Parameter-efficient adaptation of pretrained vision models."
+    )
+    parser.add_argument("--version", action="version", version=f"visionpeft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("--domain", choices=["core", "vit", "vla", "diffusion"], help="only this domain's methods")
+
+    for name, help_text in (("train", "train an adapter from a run config"),
+                            ("eval", "evaluate a saved adapter with a run config")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="the run config (YAML)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+            help="override a config value, e.g. --set train.lr=0.01 (repeatable)",
+        )
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        else:
+            p.add_argument("--adapter", required=True, help="the adapter folder written by training")
+
+    p = sub.add_parser("demo", help="the main job on an embedded data set (CPU, a few minutes)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the demo")
+    return parser
+
+
+def _methods(domain: str | None) -> int:
+    from visionpeft.api import methods
+
+    infos = methods(domain)
+    if not infos:
+        print("no methods are registered")
+        return 0
+    print(f"{'name':<20} {'domain':<10} description")
+    for info in infos:
+        print(info)
+    return 0
+
+
+def _train(path: str, overrides: list[str], resume: bool) -> int:
+    from visionpeft.runconfig import load_run_config
+    from visionpeft.task import get_task
+    from visionpeft.train import Trainer
+
+    run = load_run_config(path, overrides)
+    task = get_task(run.task)(run)
+    model = task.build_model()
+    trainer = Trainer(task, run.train, run.output_dir, model=model, run_config=run.to_dict())
+    metrics = trainer.fit(resume=resume)
+    print(json.dumps({"output_dir": run.output_dir, **metrics}, default=str))
+    return 0
+
+
+def _eval(path: str, overrides: list[str], adapter: str) -> int:
+    from visionpeft.runconfig import load_run_config
+    from visionpeft.task import get_task
+    from visionpeft.train import Trainer
+
+    run = load_run_config(path, overrides)
+    task = get_task(run.task)(run)
+    if task.eval_dataset() is None:
+        raise ConfigError("data.eval_split: the task has no evaluation set; set data.eval_split")
+    model = task.build_model(adapter=adapter)
+    trainer = Trainer(task, run.train, run.output_dir, model=model)
+    print(json.dumps(trainer.evaluate(), default=str))
+    return 0
+
+
+def _demo(args: Sequence[str]) -> int:
+    demos = list(importlib.metadata.entry_points(group=DEMO_ENTRY_POINT_GROUP))
+    if not demos:
+        print(
+            "No demo is installed: the embedded demo comes with the vit domain (visionpeft.vit), which "
+            "this installation does not provide yet.",
+            file=sys.stderr,
+        )
+        return 1
+    demo = demos[0].load()
+    return int(demo(list(args)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "methods":
+            return _methods(args.domain)
+        if args.command == "train":
+            return _train(args.config, args.overrides, args.resume)
+        if args.command == "eval":
+            return _eval(args.config, args.overrides, args.adapter)
+        return _demo(args.args)
+    except VisionPeftError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130

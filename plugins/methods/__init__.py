@@ -1,1 +1,0 @@
-"""Generic methods that adapt any registered host: ``lora`` (through peft) and ``bitfit``."""

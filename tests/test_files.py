@@ -1,0 +1,175 @@
+"""Adapter files: content, atomic writes, checksums and base-model fingerprints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visionpeft as vp
+from visionpeft import files
+from visionpeft.errors import AdapterMismatchError
+from visionpeft.method import get_state
+
+from toy import toy_inputs, toy_net
+
+
+def _adapted(method: str = "lora", seed: int = 0, **kwargs):
+    model = vp.attach(toy_net(seed), method, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    return model
+
+
+def test_folder_holds_only_trained_tensors_and_a_full_config(tmp_path):
+    model = _adapted(r=4)
+    vp.save(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
+    tensors = load_file(tmp_path / "adapter.safetensors")
+    trained = get_state(model).adapters["default"].method.trained_tensors(model)
+    assert set(tensors) == set(trained)
+    assert "blocks.0.fc1.lora_A.weight" in tensors and "head.weight" in tensors
+    assert not any("base_layer" in k or ".default." in k for k in tensors)
+    payload = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert payload["method"] == "lora" and payload["config"]["r"] == 4
+    assert payload["base_model"]["family"] == "tests.ToyNet"
+    assert payload["base_model"]["fingerprint"].startswith("sha256:")
+    assert payload["base_model"]["parameters"]["blocks.0.fc1.weight"] == [32, 16]
+    assert {"visionpeft", "torch", "peft"} <= set(payload["versions"])
+    assert payload["weights"]["num_tensors"] == len(tensors)
+
+
+def test_the_fingerprint_describes_the_unadapted_base():
+    base = toy_net()
+    expected = files.fingerprint(base)
+    adapted = vp.attach(base, "lora")
+    assert get_state(adapted).base == expected
+    assert files.fingerprint(adapted) != expected
+
+
+def test_mismatch_message_says_what_differs(tmp_path):
+    vp.save(_adapted(), tmp_path)
+    wider = toy_net(width=24)
+    with pytest.raises(AdapterMismatchError, match=r"shape \(adapter's base vs this model\): embed\.proj\.weight"):
+        vp.load(wider, tmp_path)
+    assert get_state(wider) is None
+
+
+def test_same_shapes_other_weights_is_allowed(tmp_path):
+    # The fingerprint is about architecture (names and shapes); values are the user's choice.
+    model = _adapted()
+    vp.save(model, tmp_path)
+    vp.load(toy_net(seed=5), tmp_path)
+
+
+def test_tampered_weights_are_detected(tmp_path):
+    vp.save(_adapted(), tmp_path)
+    other = tmp_path / "other"
+    vp.save(_adapted("bitfit"), other)
+    os.replace(other / "adapter.safetensors", tmp_path / "adapter.safetensors")
+    with pytest.raises(AdapterMismatchError, match="checksum"):
+        vp.load(toy_net(), tmp_path)
+
+
+def test_missing_or_damaged_files_are_explained(tmp_path):
+    with pytest.raises(AdapterMismatchError, match="adapter_config.json is missing"):
+        vp.load(toy_net(), tmp_path)
+    vp.save(_adapted(), tmp_path)
+    (tmp_path / "adapter.safetensors").unlink()
+    with pytest.raises(AdapterMismatchError, match="incomplete"):
+        vp.load(toy_net(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterMismatchError, match="not valid JSON"):
+        vp.load(toy_net(), tmp_path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    vp.save(_adapted(), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    payload = json.loads(path.read_text())
+    path.write_text(json.dumps({**payload, "format_version": 2}))
+    with pytest.raises(AdapterMismatchError, match="format_version 2"):
+        vp.load(toy_net(), tmp_path)
+
+
+def test_wrong_tensor_shapes_leave_the_model_as_it_was(tmp_path):
+    vp.save(_adapted(r=4), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    payload = json.loads(path.read_text())
+    payload["config"]["r"] = 2  # the config now disagrees with the saved tensors
+    path.write_text(json.dumps(payload))
+    model = toy_net()
+    reference = copy.deepcopy(model.state_dict())
+    with pytest.raises(AdapterMismatchError, match="shape differs"):
+        vp.load(model, tmp_path)
+    assert get_state(model) is None
+    assert list(model.state_dict()) == list(reference)
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+
+
+def _slow_writer(path: str, started) -> None:
+    """In a child process: write a large file in slow chunks through atomic_write_bytes."""
+    real_fdopen = os.fdopen
+
+    def slow_fdopen(fd, mode):
+        handle = real_fdopen(fd, mode)
+        write = handle.write
+
+        def chunked(data):
+            started.set()
+            for i in range(0, len(data), 1024):
+                write(data[i : i + 1024])
+                handle.flush()
+                time.sleep(0.01)
+            return len(data)
+
+        handle.write = chunked
+        return handle
+
+    os.fdopen = slow_fdopen  # this process is a throw-away fork
+    files.atomic_write_bytes(path, b"new" * 100_000)
+
+
+def test_a_save_killed_midway_leaves_the_previous_file(tmp_path):
+    model = _adapted()
+    vp.save(model, tmp_path)
+    expected = model(toy_inputs())
+    target = tmp_path / "adapter.safetensors"
+    before = target.read_bytes()
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    proc = ctx.Process(target=_slow_writer, args=(str(target), started))
+    proc.start()
+    assert started.wait(30)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert target.read_bytes() == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers, "the killed writer should have left its temporary file, not touched the target"
+    loaded = vp.load(toy_net(), tmp_path)
+    assert torch.equal(loaded(toy_inputs()), expected)
+
+
+def test_atomic_write_cleans_up_after_an_error(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    files.atomic_write_bytes(target, b"old")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
