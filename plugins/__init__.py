@@ -8,7 +8,7 @@ The public API is the eight functions below; methods are plugins found through t
 group ``visionpeft.methods``.
 """
 
-from visionpeft._version import __version__
+from visionpeft._version import __version__ as __version__
 from visionpeft.api import attach, config, detach, load, merge, methods, save, summary
 
 __all__ = ["attach", "config", "detach", "load", "merge", "methods", "save", "summary"]

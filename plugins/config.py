@@ -142,7 +142,7 @@ def build_dataclass(cls: type, data: typing.Mapping[str, Any], prefix: str = "")
     return cls(**data)
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "", **bounds: Any) -> Any:  # noqa: A002
+def field(default: Any = dataclasses.MISSING, *, help: str = "", **bounds: Any) -> Any:
     """A dataclass field with a help text and optional ``ge``/``gt``/``le``/``lt`` bounds."""
     meta = {"help": help, **bounds}
     if isinstance(default, (list, dict, set)):

@@ -7,12 +7,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from visionpeft.hosts import register_host  # noqa: E402
+from visionpeft.hosts import register_host
 
-from toy import TOY_HOST  # noqa: E402
+from toy import TOY_HOST
 
 register_host(TOY_HOST)
 torch.set_num_threads(min(2, torch.get_num_threads()))

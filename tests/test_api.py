@@ -31,7 +31,7 @@ def test_bad_targets_fail_before_any_change():
     reference = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="matched no module"):
         vp.attach(model, "lora", targets=["blocks.0.nothing"])
-    with pytest.raises(ValueError, match="LoRA cannot adapt: blocks.0.act"):
+    with pytest.raises(ValueError, match=r"LoRA cannot adapt: blocks\.0\.act"):
         vp.attach(model, "lora", targets=[r"blocks\.0\.act"])
     with pytest.raises(ValueError, match="matched the head"):
         vp.attach(model, "lora", targets=["head"])

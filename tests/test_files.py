@@ -81,7 +81,7 @@ def test_tampered_weights_are_detected(tmp_path):
 
 
 def test_missing_or_damaged_files_are_explained(tmp_path):
-    with pytest.raises(AdapterMismatchError, match="adapter_config.json is missing"):
+    with pytest.raises(AdapterMismatchError, match=r"adapter_config\.json is missing"):
         vp.load(toy_net(), tmp_path)
     vp.save(_adapted(), tmp_path)
     (tmp_path / "adapter.safetensors").unlink()

@@ -17,9 +17,9 @@ from torch.nn.utils import parametrize
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError, NoMatchError
+from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
 from visionpeft.hosts import find_host
 from visionpeft.method import Method, get_state
-from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
 from visionpeft.modules import AddDelta, TrainableCopy
 
 
@@ -36,7 +36,9 @@ class BitFitConfig(MethodConfig):
         try:
             re.compile(self.bias_pattern)
         except re.error as err:
-            raise ConfigError(f"bitfit.bias_pattern: {self.bias_pattern!r} is not a regular expression ({err})")
+            raise ConfigError(
+                f"bitfit.bias_pattern: {self.bias_pattern!r} is not a regular expression ({err})"
+            ) from err
 
 
 class BitFit(Method):

@@ -19,10 +19,10 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
+from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
 from visionpeft.hosts import find_host
 from visionpeft.inject import find_modules, replace_module
 from visionpeft.method import Method
-from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
 
