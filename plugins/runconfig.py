@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,21 @@ from visionpeft.config import build_dataclass, field, validate_fields
 from visionpeft.errors import ConfigError
 
 SECTIONS = ("task", "model", "method", "data", "train", "output_dir")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML loader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclasses.dataclass
@@ -131,7 +147,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.lr=0.01")
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(tree, key.strip(), _yaml(raw) if raw.strip() else None)
     return tree
 
 
@@ -181,7 +197,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
         if not path.is_file():
             raise ConfigError(f"run config {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            tree = _yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
     return parse_run_config(apply_overrides(tree, overrides or []))
