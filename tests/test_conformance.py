@@ -1,15 +1,16 @@
 """The conformance suite: every registered method passes it, with no per-method test code.
 
-Parametrized over ``vp.methods()``: registering a method is enough to get it tested. Each domain
-names the tiny model its methods are tested on in ``CASES``; a registered method whose domain has
-no case fails here instead of going untested.
+Parametrized over ``vp.methods()``: registering a method is enough to get it tested. ``CASES``
+lists tiny real models of every family; each method runs on every case it supports, and a
+registered method that supports none fails here instead of going untested.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -21,47 +22,63 @@ from visionpeft.errors import AdapterError, AdapterMismatchError
 from visionpeft.method import get_state
 from visionpeft.registry import get_method
 
+from tiny_models import tiny_vit
 from toy import toy_inputs, toy_net
 
 
 @dataclass
 class Case:
-    """A tiny model of one family, its inputs, and extra attach arguments per method."""
+    """A tiny model of one family and its inputs; a method runs on every case it supports."""
 
+    label: str
     build: Callable[[int], nn.Module]
     inputs: Callable[[], Any]
-    kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def forward(self, model: nn.Module) -> torch.Tensor:
         return model(self.inputs())
 
 
-# Cases per method domain; core methods run on every case listed under "core".
-CASES: dict[str, list[Case]] = {
-    "core": [Case(build=lambda seed: toy_net(seed, dropout=0.0), inputs=toy_inputs)],
-}
+def _images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
-# Config arguments a method needs beyond its defaults (none so far).
+
+def _clips() -> torch.Tensor:
+    return torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+
+def _video(seed: int) -> nn.Module:
+    from visionpeft.vit.video import VideoClassifier
+
+    return VideoClassifier(tiny_vit(seed), num_frames=4)
+
+
+CASES: list[Case] = [Case("toy", lambda seed: toy_net(seed, dropout=0.0), toy_inputs)]
+if importlib.util.find_spec("timm") is not None:
+    CASES += [
+        Case("vit", tiny_vit, _images),
+        Case("vit-reg-avg", lambda seed: tiny_vit(seed, reg_tokens=2, class_token=False, global_pool="avg"), _images),
+        Case("video", _video, _clips),
+    ]
+
+# Config arguments a method needs beyond its defaults, and attach arguments sized for tiny models.
 CONFIG_KWARGS: dict[str, dict[str, Any]] = {}
+ATTACH_KWARGS: dict[str, dict[str, Any]] = {
+    "vpt": {"num_tokens": 3, "deep": True},
+    "adaptformer": {"bottleneck": 8},
+    "st_adapter": {"bottleneck": 8, "positions": ["before_attn", "before_mlp"]},
+}
 
 METHODS = [m.name for m in vp.methods()]
 PARAMS = [
-    pytest.param(m.name, i, id=f"{m.name}-{i}")
-    for m in vp.methods()
-    for i in range(max(1, len(CASES.get(m.domain, []))))
+    pytest.param(name, case, id=f"{name}-{case.label}")
+    for name in METHODS
+    for case in CASES
+    if get_method(name).supports(case.build(0))
 ]
 
 
-def _case(method: str, index: int) -> Case:
-    domain = get_method(method).domain
-    cases = CASES.get(domain, [])
-    if not cases:
-        pytest.fail(f"method {method!r} (domain {domain!r}) has no conformance case: add one to CASES")
-    return cases[index]
-
-
 def _attach(case: Case, method: str, model: nn.Module, **extra: Any) -> nn.Module:
-    return vp.attach(model, method, **case.kwargs.get(method, {}), **extra)
+    return vp.attach(model, method, **ATTACH_KWARGS.get(method, {}), **extra)
 
 
 def _perturb(model: nn.Module, seed: int = 7) -> None:
@@ -75,13 +92,12 @@ def _perturb(model: nn.Module, seed: int = 7) -> None:
 
 def test_every_method_has_a_case():
     assert METHODS, "no method is registered: the entry points of the package are missing"
-    for name in METHODS:
-        assert CASES.get(get_method(name).domain), f"{name} has no conformance case"
+    covered = {p.values[0] for p in PARAMS}
+    assert set(METHODS) == covered, f"methods without a conformance case: {sorted(set(METHODS) - covered)}"
 
 
-@pytest.mark.parametrize(("method", "index"), PARAMS)
-def test_gradients_reach_only_trained_tensors(method, index):
-    case = _case(method, index)
+@pytest.mark.parametrize(("method", "case"), PARAMS)
+def test_gradients_reach_only_trained_tensors(method, case):
     model = _attach(case, method, case.build(0))
     model.train()
     case.forward(model).square().mean().backward()
@@ -102,20 +118,16 @@ def test_gradients_reach_only_trained_tensors(method, index):
     )
 
 
-@pytest.mark.parametrize(("method", "index"), PARAMS)
-def test_identity_at_attach(method, index):
-    case = _case(method, index)
-    if not get_method(method).starts_as_identity:
-        pytest.skip(f"{method} changes the output at init by design (starts_as_identity is False)")
+@pytest.mark.parametrize(("method", "case"), [p for p in PARAMS if get_method(p.values[0]).starts_as_identity])
+def test_identity_at_attach(method, case):
     model = case.build(0).eval()
     before = case.forward(model)
     after = case.forward(_attach(case, method, model).eval())
     assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize(("method", "index"), PARAMS)
-def test_save_load_reproduces_outputs(method, index, tmp_path):
-    case = _case(method, index)
+@pytest.mark.parametrize(("method", "case"), PARAMS)
+def test_save_load_reproduces_outputs(method, case, tmp_path):
     model = _attach(case, method, case.build(0)).eval()
     _perturb(model)
     expected = case.forward(model)
@@ -125,9 +137,8 @@ def test_save_load_reproduces_outputs(method, index, tmp_path):
     assert vp.summary(loaded)["trainable"] == vp.summary(model)["trainable"]
 
 
-@pytest.mark.parametrize(("method", "index"), PARAMS)
-def test_detach_restores_the_original(method, index):
-    case = _case(method, index)
+@pytest.mark.parametrize(("method", "case"), PARAMS)
+def test_detach_restores_the_original(method, case):
     model = case.build(0)
     next(model.parameters()).requires_grad_(False)  # mixed flags, which detach must restore
     reference = copy.deepcopy(model.state_dict())
@@ -148,9 +159,8 @@ def test_detach_restores_the_original(method, index):
     assert set(restored.__dict__) == attributes
 
 
-@pytest.mark.parametrize(("method", "index"), PARAMS)
-def test_merge(method, index):
-    case = _case(method, index)
+@pytest.mark.parametrize(("method", "case"), PARAMS)
+def test_merge(method, case):
     model = _attach(case, method, case.build(0)).eval()
     _perturb(model)
     if not get_method(method).mergeable:
@@ -165,17 +175,15 @@ def test_merge(method, index):
     assert set(merged.state_dict()) == set(case.build(0).state_dict())
 
 
-@pytest.mark.parametrize(("method", "index"), PARAMS)
-def test_attaching_twice_needs_a_new_name(method, index):
-    case = _case(method, index)
+@pytest.mark.parametrize(("method", "case"), PARAMS)
+def test_attaching_twice_needs_a_new_name(method, case):
     model = _attach(case, method, case.build(0))
     with pytest.raises(AdapterError, match="already attached"):
         _attach(case, method, model)
 
 
-@pytest.mark.parametrize(("method", "index"), PARAMS)
-def test_load_onto_another_base_fails_before_changing_it(method, index, tmp_path):
-    case = _case(method, index)
+@pytest.mark.parametrize(("method", "case"), PARAMS)
+def test_load_onto_another_base_fails_before_changing_it(method, case, tmp_path):
     model = _attach(case, method, case.build(0))
     vp.save(model, tmp_path)
     other = case.build(0)

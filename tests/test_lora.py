@@ -1,4 +1,4 @@
-"""LoRA through peft: the math, the targets, and a real timm ViT registered as a test host."""
+"""LoRA through peft: the math, the targets, and a real timm ViT through visionpeft.vit's host."""
 
 from __future__ import annotations
 
@@ -7,24 +7,12 @@ import torch
 from torch import nn
 
 import visionpeft as vp
-from visionpeft.hosts import Host, register_host, unregister_host
 from visionpeft.method import get_state
 
 from toy import toy_inputs, toy_net
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-
-VIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
-
-
-@pytest.fixture
-def vit_host():
-    host = register_host(
-        Host("tests.timm.VisionTransformer", lambda m: isinstance(m, VisionTransformer), [VIT_TARGETS], "head")
-    )
-    yield host
-    unregister_host(host.family)
 
 
 def _vit(seed: int = 0) -> VisionTransformer:
@@ -65,7 +53,7 @@ def test_dropout_applies_only_in_training():
     assert not torch.equal(first, model(x))
 
 
-def test_vit_targets_are_exact_and_never_the_patch_embedding(vit_host):
+def test_vit_targets_are_exact_and_never_the_patch_embedding():
     model = vp.attach(_vit(), "lora", r=4)
     adapted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n})
     assert len(adapted) == 8  # 2 blocks x (qkv, proj, fc1, fc2)
@@ -77,7 +65,7 @@ def test_vit_targets_are_exact_and_never_the_patch_embedding(vit_host):
     assert vp.summary(model)["trainable"] == 2 * per_block + head
 
 
-def test_vit_round_trip_merge_and_detach(vit_host, tmp_path):
+def test_vit_round_trip_merge_and_detach(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = vp.attach(_vit(), "lora", r=4, alpha=8.0).eval()
     with torch.no_grad():

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError, NoMatchError
-from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
+from visionpeft.head import attach_head, detach_head, head_tensors, merge_head
 from visionpeft.hosts import find_host
 from visionpeft.method import Method, get_state
 from visionpeft.modules import AddDelta, TrainableCopy

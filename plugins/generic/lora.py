@@ -19,7 +19,7 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
-from visionpeft.generic._head import attach_head, detach_head, head_tensors, merge_head
+from visionpeft.head import attach_head, detach_head, head_tensors, merge_head
 from visionpeft.hosts import find_host
 from visionpeft.inject import find_modules, replace_module
 from visionpeft.method import Method

@@ -1,8 +1,8 @@
-"""The task head that generic methods train beside their adapter.
+"""The task head that methods train beside their adapter.
 
-A host names its classification head; the method wraps it in a
+A host names its classification head; a method wraps it in a
 :class:`~visionpeft.modules.TrainableCopy`, so the original head stays untouched and each adapter
-trains (and saves) its own copy.
+trains (and saves) its own copy. Every method that trains a head uses these four functions.
 """
 
 from __future__ import annotations
