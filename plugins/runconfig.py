@@ -71,7 +71,9 @@ class TrainConfig:
     epochs: int | None = field(None, help="passes over the training set (used when max_steps is unset)", ge=1)
     max_steps: int | None = field(None, help="optimizer steps in all; overrides epochs", ge=1)
     batch_size: int = field(32, help="samples per micro-batch on each process", ge=1)
-    lr: float = field(1e-3, help="peak learning rate", gt=0)
+    recipe: str | None = field(None, help="a preset of the task's papers (e.g. vpt, noah); explicit keys win")
+    lr: float = field(1e-3, help="peak learning rate (per 256 samples when scale_lr)", gt=0)
+    scale_lr: bool = field(False, help="multiply lr by the total batch (all processes, accumulation) / 256")
     weight_decay: float = field(0.0, help="decoupled (AdamW) or L2 (SGD) weight decay", ge=0)
     optimizer: Literal["sgd", "adamw"] = field("adamw", help="optimizer over the trainable parameters")
     momentum: float = field(0.9, help="SGD momentum", ge=0, lt=1)
@@ -180,13 +182,26 @@ def parse_run_config(tree: Any) -> RunConfig:
         raise ConfigError(f"method: {err}") from err
     except ValueError as err:
         raise ConfigError(f"method.name: {err}") from err
-    train = build_dataclass(TrainConfig, tree.get("train") or {}, "train.")
+    task_cls = get_task(tree["task"])
+    train = build_dataclass(TrainConfig, _with_recipe(task_cls, tree.get("train") or {}), "train.")
     output_dir = tree.get("output_dir", "runs/run")
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"output_dir: expected a folder path, got {output_dir!r}")
     run = RunConfig(tree["task"], model, dict(method), data, train, output_dir)
-    get_task(run.task).check_config(run)
+    task_cls.check_config(run)
     return run
+
+
+def _with_recipe(task_cls: Any, train: Any) -> Any:
+    """The ``train`` section over the task's preset named by ``train.recipe`` (explicit keys win)."""
+    if not isinstance(train, dict) or train.get("recipe") is None:
+        return train
+    recipes = getattr(task_cls, "recipes", {})
+    name = train["recipe"]
+    if name not in recipes:
+        raise ConfigError(f"train.recipe: {name!r} is not a recipe of task {task_cls.name!r}; choose one of "
+                          f"{sorted(recipes) or 'none'}")
+    return {**recipes[name], **train}
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:

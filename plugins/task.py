@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ class Task:
     """
 
     name: str = ""
+    #: presets of ``train`` keys from the domain's papers, selected with ``train.recipe``
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, run: Any) -> None:
         self.run = run

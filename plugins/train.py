@@ -93,7 +93,14 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
     return groups
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+def peak_lr(train: TrainConfig, world_size: int = 1) -> float:
+    """The peak learning rate: ``lr``, or with ``scale_lr`` ``lr x total batch / 256`` (VPT's rule)."""
+    if not train.scale_lr:
+        return train.lr
+    return train.lr * train.batch_size * train.grad_accum * world_size / 256
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW over the trainable parameters of ``model`` (see :func:`param_groups`)."""
     groups = param_groups(model, train.weight_decay, train.decay_all)
     if not groups:
@@ -101,9 +108,10 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
             "the model has no trainable parameters (none has requires_grad); attach an adapter first "
             "(vp.attach) or unfreeze the parameters to train"
         )
+    lr = peak_lr(train, world_size)
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.betas[0], train.betas[1]))
+        return torch.optim.SGD(groups, lr=lr, momentum=train.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=(train.betas[0], train.betas[1]))
 
 
 def warmup_length(train: TrainConfig, steps_per_epoch: int) -> int:
@@ -132,11 +140,11 @@ def lr_factor(
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int, steps_per_epoch: int, world_size: int = 1
 ) -> LambdaLR:
     """The per-optimizer-step schedule of ``train`` as a ``LambdaLR`` (whose state checkpoints)."""
     warmup = warmup_length(train, steps_per_epoch)
-    min_ratio = train.min_lr / train.lr
+    min_ratio = min(1.0, train.min_lr / peak_lr(train, world_size))
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup, train.scheduler, min_ratio)
@@ -474,8 +482,8 @@ class Trainer:
         checkpoint = self._find_resume_point(resume)
         if train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        optimizer = build_optimizer(self.model, train)
-        scheduler = build_scheduler(optimizer, train, total, steps_per_epoch)
+        optimizer = build_optimizer(self.model, train, acc.num_processes)
+        scheduler = build_scheduler(optimizer, train, total, steps_per_epoch, acc.num_processes)
         wrapped, optimizer = acc.prepare(self.model, optimizer)
         self.optimizer, self.scheduler = optimizer, scheduler
         try:

@@ -104,8 +104,8 @@ def test_missing_sections_and_unknown_sections():
 
 
 def test_domain_tasks_not_yet_installed_say_so():
-    with pytest.raises(ConfigError, match="task: 'vit' is not available in this installation"):
-        parse_run_config({**good(), "task": "vit"})
+    with pytest.raises(ConfigError, match="task: 'vla' is not available in this installation"):
+        parse_run_config({**good(), "task": "vla"})
 
 
 def test_overrides_parse_yaml_values_and_reject_bad_paths():
