@@ -7,7 +7,8 @@
     visionpeft eval CONFIG.yaml --adapter DIR [--set key.path=value ...]
     visionpeft demo [options passed to the demo]
 
-Errors in the user's input print one line saying what is wrong and exit with status 2.
+Errors in the user's input print one line saying what is wrong and exit with status 2 (1 when
+training cannot go on); set ``VISIONPEFT_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args.config, args.overrides, args.adapter)
         return _demo(args.args)
     except VisionPeftError as err:
+        if os.environ.get("VISIONPEFT_DEBUG"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
     except KeyboardInterrupt:

@@ -39,6 +39,10 @@ class NoMatchError(VisionPeftError, ValueError):
     """A module pattern matched nothing in the model."""
 
 
+class DataError(VisionPeftError, ValueError):
+    """A data set cannot be read: a missing or corrupt file, a bad label, an unknown split."""
+
+
 class TrainingError(VisionPeftError, RuntimeError):
     """Training cannot go on."""
 
