@@ -556,6 +556,9 @@ class Trainer:
         try:
             while self.global_step < limit:
                 epoch = self.epoch
+                if hasattr(dataset, "set_epoch"):
+                    # Per-epoch randomness inside the data set (e.g. which frames a clip samples).
+                    dataset.set_epoch(epoch)
                 sampler = self._sampler(len(dataset), epoch, start=self.batch_in_epoch)
                 batches = iter(self._loader(dataset, sampler, epoch))
                 while self.batch_in_epoch < micro_per_epoch and self.global_step < limit:

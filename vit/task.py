@@ -160,6 +160,9 @@ class VitTask(Task):
         if num_classes is None:
             # Reading the class list needs no transform, so the model is not needed yet.
             num_classes = self._class_count_without_model()
+        # Seeded, so that a randomly initialised backbone (and the fresh head) is the same at
+        # training and evaluation time.
+        torch.manual_seed(self.run.train.seed)
         backbone = build_vit(model_cfg.name, num_classes, pretrained=model_cfg.pretrained,
                              checkpoint=model_cfg.checkpoint, **model_cfg.kwargs)
         self._model = backbone

@@ -1,0 +1,171 @@
+"""The ``vit`` task end to end: run configs, the CLI, training on real image files, eval, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from visionpeft.cli import main
+from visionpeft.errors import ConfigError
+from visionpeft.runconfig import load_run_config, parse_run_config
+
+timm = pytest.importorskip("timm")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2}
+
+
+def _stripes(label: int, rng: np.random.Generator) -> Image.Image:
+    """A separable toy image: class 0 has horizontal stripes, class 1 vertical ones, with noise."""
+    image = np.zeros((16, 16, 3), dtype=np.float32)
+    phase = rng.integers(0, 4)
+    if label == 0:
+        image[(np.arange(16) + phase) % 4 < 2, :, :] = 1.0
+    else:
+        image[:, (np.arange(16) + phase) % 4 < 2, :] = 1.0
+    image = np.clip(image * rng.uniform(0.6, 1.0, 3) + rng.normal(0, 0.1, image.shape), 0, 1)
+    return Image.fromarray((image * 255).astype(np.uint8))
+
+
+def make_vtab(root: Path, per_split: dict[str, int]) -> Path:
+    """A VTAB-1k task folder of real PNG files with the four split lists."""
+    rng = np.random.default_rng(0)
+    for split, count in per_split.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(count):
+            label = i % 2
+            rel = f"images/{split}/{i:06d}.png"
+            _stripes(label, rng).save(root / rel)
+            lines.append(f"{rel} {label}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run_config(data_root: Path, output: Path, method: dict, **train) -> dict:
+    return {
+        "task": "vit",
+        "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": TINY},
+        "method": method,
+        "data": {"format": "vtab", "root": str(data_root), "train_split": "train800val200", "eval_split": "test",
+                 "image_size": 32, "normalization": "imagenet"},
+        "train": {"epochs": 8, "batch_size": 16, "lr": 3e-3, "optimizer": "adamw", "warmup_steps": 2, "seed": 0,
+                  "progress": False, "log_every": 5, **train},
+        "output_dir": str(output),
+    }
+
+
+@pytest.fixture(scope="module")
+def vtab(tmp_path_factory) -> Path:
+    return make_vtab(tmp_path_factory.mktemp("vtab") / "toy", {"train800val200": 64, "test": 32,
+                                                                 "train800": 8, "val200": 4})
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("vit_*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid_run_configs(path):
+    run = load_run_config(path)
+    assert run.task == "vit" and run.model.name and run.method["name"]
+
+
+def test_recipes_fill_the_train_section_and_explicit_keys_win():
+    run = load_run_config(EXAMPLES / "vit_vtab1k_cifar100_vpt_deep.yaml")
+    assert run.train.optimizer == "sgd" and run.train.warmup_epochs == 10 and run.train.epochs == 100
+    assert run.train.scale_lr and run.train.batch_size == 64 and run.train.lr == 12.5
+    noah = load_run_config(EXAMPLES / "vit_fgvc_cub_adaptformer.yaml")
+    assert (noah.train.optimizer, noah.train.lr, noah.train.weight_decay, noah.train.min_lr) == ("adamw", 1e-3, 1e-4,
+                                                                                                 1e-5)
+    with pytest.raises(ConfigError, match=r"train\.recipe: 'adam' is not a recipe of task 'vit'"):
+        load_run_config(EXAMPLES / "vit_fgvc_cub_adaptformer.yaml", ["train.recipe=adam"])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"data": {"format": "tfds", "root": "x"}}, r"data\.format: 'tfds' is not supported"),
+        ({"data": {"format": "vtab", "root": "x", "vtab_tsk": "cifar"}}, r"data: unknown key\(s\) \['vtab_tsk'\]"),
+        ({"data": {"format": "vtab", "root": "x", "image_size": "big"}}, r"data\.image_size: expected int"),
+        ({"data": {"format": "vtab", "root": "x", "normalization": "clip"}}, r"data\.normalization: 'clip'"),
+        ({"data": {"format": "vtab"}}, r"data\.root: missing"),
+        ({"model": {"pretrained": False}}, r"model\.name: missing"),
+        ({"method": {"name": "vpt", "num_tokens": 0}}, r"method: vpt\.num_tokens: 0 is out of range"),
+    ],
+)
+def test_bad_vit_configs_fail_before_building(override, match, tmp_path):
+    tree = run_config(tmp_path, tmp_path / "out", {"name": "vpt"})
+    tree.update(override)
+    with pytest.raises(ConfigError, match=match):
+        parse_run_config(tree)
+
+
+def test_train_reaches_high_accuracy_and_eval_reloads(vtab, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(vtab, out, {"name": "adaptformer", "bottleneck": 8}, eval_every=20)))
+    assert main(["train", str(config), "--set", "train.lr=0.01", "--set", "train.epochs=15"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["eval"]["top1"] >= 0.9, printed
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "adapter/adapter.safetensors",
+                 "adapter/adapter_config.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["top1_last"] == printed["eval"]["top1"] and results["top1_best"] >= results["top1_last"]
+    assert main(["eval", str(config), "--adapter", str(out / "adapter")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["top1"] == printed["eval"]["top1"]
+
+
+def test_resume_from_the_cli_continues_the_run(vtab, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    tree = run_config(vtab, out, {"name": "vpt", "num_tokens": 2}, epochs=None, max_steps=6, save_every=3)
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 0
+    straight = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # A second run into the same folder must not silently overwrite it.
+    assert main(["train", str(config)]) != 0
+    assert "resume" in capsys.readouterr().err
+    assert main(["train", str(config), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == straight["step"] == 6
+
+
+def test_wrong_model_family_and_unreadable_images(vtab, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    tree = run_config(vtab, tmp_path / "a", {"name": "vpt"})
+    tree["model"] = {"name": "convnext_atto", "pretrained": False}
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 2
+    assert "timm VisionTransformer" in capsys.readouterr().err
+
+    broken = make_vtab(tmp_path / "broken", {"train800val200": 4, "test": 2})
+    (broken / "images" / "train800val200" / "000001.png").write_bytes(b"not an image")
+    tree = run_config(broken, tmp_path / "b", {"name": "linear"}, epochs=1)
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) != 0
+    assert "000001.png" in capsys.readouterr().err
+    tree["data"]["skip_bad"] = True
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 0
+
+
+def test_checkpoint_and_local_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from visionpeft.vit.models import build_vit
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=7, **TINY)
+    save_file(source.state_dict(), tmp_path / "weights.safetensors")
+    model = build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "weights.safetensors", **TINY)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items() if not k.startswith("head"))
+    assert model.head.out_features == 3
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "missing.pth")
+    with pytest.raises(ConfigError, match="closest names"):
+        build_vit("vit_tiny_patch16_22", 3)
