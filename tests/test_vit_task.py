@@ -169,3 +169,39 @@ def test_checkpoint_and_local_weights(tmp_path):
         build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "missing.pth")
     with pytest.raises(ConfigError, match="closest names"):
         build_vit("vit_tiny_patch16_22", 3)
+
+
+def make_clips(root: Path, count: int, frames: int = 6) -> Path:
+    """Frame folders of moving stripes: class 0 moves down, class 1 moves right; plus list files."""
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(count):
+        label = i % 2
+        folder = root / f"clip{i:03d}"
+        folder.mkdir(parents=True)
+        for t in range(frames):
+            image = np.zeros((16, 16, 3), dtype=np.uint8)
+            offset = (t + rng.integers(0, 4)) % 16
+            if label == 0:
+                image[offset, :, :] = 255
+            else:
+                image[:, offset, :] = 255
+            Image.fromarray(image).save(folder / f"{t:05d}.png")
+        lines.append(f"{folder.name} {label}")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "val.txt").write_text("\n".join(lines[: count // 2]) + "\n")
+    return root
+
+
+def test_video_run_with_st_adapter(tmp_path, capsys):
+    clips = make_clips(tmp_path / "clips", 8)
+    tree = run_config(clips, tmp_path / "out", {"name": "st_adapter", "bottleneck": 8}, epochs=1, batch_size=4)
+    tree["data"] = {"format": "video", "root": str(clips), "train_split": "train.txt", "eval_split": "val.txt",
+                    "num_frames": 4, "sampling": "uniform", "image_size": 32}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval"]["samples"] == 4 and 0.0 <= result["eval"]["top1"] <= 1.0
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["method"] == "st_adapter" and saved["base_model"]["family"] == "visionpeft.vit.VideoClassifier"
