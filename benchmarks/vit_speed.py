@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import visionpeft as vp
+from visionpeft.method import set_train_mode
 
 METHODS: dict[str, dict] = {
     "full": {},
@@ -68,9 +69,7 @@ def make_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prec
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    model.train()
-    for attachment in vp_state(model):
-        attachment.method.set_train_mode(model, True)
+    set_train_mode(model, True)
 
     def step() -> float:
         memory = StepMemory()
@@ -87,13 +86,6 @@ def make_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prec
         return memory.saved + state + grads
 
     return step
-
-
-def vp_state(model: nn.Module):
-    from visionpeft.method import get_state
-
-    state = get_state(model)
-    return list(state.adapters.values()) if state is not None else []
 
 
 def sync(device: torch.device) -> None:

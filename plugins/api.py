@@ -85,9 +85,9 @@ def attach(model: nn.Module, name_or_config: str | MethodConfig, *, name: str = 
     for p in adapted.parameters():
         if id(p) not in requires_grad:
             continue  # created by the method, which decides
-        if id(p) in owned or not method_cls.freezes_base:
+        if id(p) in owned:
             p.requires_grad_(requires_grad[id(p)])
-        else:
+        elif method_cls.freezes_base:
             p.requires_grad_(False)
     adapters = dict(state.adapters) if state is not None else {}
     adapters[name] = Attachment(method, requires_grad, training)

@@ -38,6 +38,8 @@ class Host:
         head: qualified name of the classification head that methods train for a new task,
             or ``None`` when the family has none.
         enable_gradient_checkpointing: turns activation checkpointing on, when the family has it.
+        frozen_backbone_eval: whether a frozen backbone of this family stays in eval mode while
+            the adapter trains (no backbone dropout or drop-path), as the original methods do.
     """
 
     family: str
@@ -45,6 +47,7 @@ class Host:
     lora_targets: Sequence[str] = ()
     head: str | None = None
     enable_gradient_checkpointing: Callable[[nn.Module], None] | None = None
+    frozen_backbone_eval: bool = False
 
 
 def register_host(host: Host) -> Host:

@@ -108,8 +108,14 @@ class Method:
             for k, t in live.items():
                 t.copy_(tensors[k])
 
-    def set_train_mode(self, model: nn.Module, mode: bool) -> None:
-        """Called after ``model.train(mode)`` by the trainer; e.g. keep a frozen backbone in eval."""
+    def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
+        """The modules that train while the rest of the model stays in eval mode, or ``None``.
+
+        ``None`` (the default) lets the whole model follow ``model.train()``. Methods whose host
+        keeps a frozen backbone in eval mode (the original implementations do: no backbone
+        dropout or drop-path) return their own modules here; see :func:`set_train_mode`.
+        """
+        return None
 
 
 @dataclass
@@ -127,6 +133,28 @@ class AdapterState:
 
     base: dict[str, Any]
     adapters: dict[str, Attachment] = field(default_factory=dict)
+
+
+def set_train_mode(model: nn.Module, training: bool) -> None:
+    """Put an adapted model in train or eval mode, honouring what its adapters train.
+
+    In training, if every attached adapter names its :meth:`Method.train_modules`, the model is put
+    in eval mode and only those modules train; an adapter that returns ``None`` (full fine-tuning,
+    or a host without that convention) leaves the whole model in train mode.
+    """
+    model.train(training)
+    state = get_state(model)
+    if not training or state is None:
+        return
+    modules: list[nn.Module] = []
+    for attachment in state.adapters.values():
+        own = attachment.method.train_modules(model)
+        if own is None:
+            return
+        modules.extend(own)
+    model.eval()
+    for module in modules:
+        module.train()
 
 
 def get_state(model: nn.Module) -> AdapterState | None:

@@ -37,7 +37,7 @@ from visionpeft import files
 from visionpeft.api import save as save_adapter
 from visionpeft.errors import NonFiniteLossError, TrainingError
 from visionpeft.hosts import find_host
-from visionpeft.method import get_state
+from visionpeft.method import get_state, set_train_mode
 from visionpeft.runconfig import TrainConfig
 from visionpeft.task import Task
 
@@ -204,15 +204,6 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 # --- model helpers ------------------------------------------------------------------------------
-
-
-def set_train_mode(model: nn.Module, training: bool) -> None:
-    """``model.train(training)``, then let each attached adapter adjust its modules' modes."""
-    model.train(training)
-    state = get_state(model)
-    if state is not None:
-        for attachment in state.adapters.values():
-            attachment.method.set_train_mode(model, training)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 import visionpeft as vp
 from visionpeft.errors import UnsupportedModelError
-from visionpeft.method import get_state
+from visionpeft.method import get_state, set_train_mode
 
 timm = pytest.importorskip("timm")
 
@@ -150,12 +150,28 @@ def test_video_classifier_averages_frames_before_the_norm():
         video(torch.randn(2, 4, 3, 32, 32))
 
 
-def test_frozen_backbone_stays_in_eval_mode_while_training():
-    model = vp.attach(tiny_vit(0, drop_rate=0.5), "vpt", num_tokens=2, dropout=0.1)
-    model.train()
-    get_state(model).adapters["default"].method.set_train_mode(model, True)
+@pytest.mark.parametrize("method", ["vpt", "adaptformer", "linear", "lora", "bitfit"])
+def test_frozen_backbone_stays_in_eval_mode_while_training(method):
+    model = vp.attach(tiny_vit(0, drop_rate=0.5, drop_path_rate=0.5), method)
+    set_train_mode(model, True)
     assert not model.blocks[0].training and not model.head_drop.training
-    assert model.vpt_prompts["default"].training and model.head.training
+    assert model.head.training
+    x = _images()
+    assert torch.equal(model(x), model(x)), "the frozen backbone must not drop anything"
+    if method == "vpt":
+        assert model.vpt_prompts["default"].training
+    if method == "lora":
+        assert model.blocks[0].attn.qkv.lora_dropout["default"].training
+
+
+def test_full_fine_tuning_and_stacked_adapters_train_together():
+    model = vp.attach(tiny_vit(0, drop_rate=0.5), "full")
+    set_train_mode(model, True)
+    assert model.blocks[0].training and model.head_drop.training
+    stacked = vp.attach(vp.attach(tiny_vit(0), "vpt", num_tokens=2, dropout=0.1), "adaptformer", name="af")
+    set_train_mode(stacked, True)
+    assert stacked.vpt_prompts["default"].training and stacked.blocks[0].beside_mlp["af"].training
+    assert not stacked.blocks[0].block.training
 
 
 def test_other_families_get_a_clear_error():
@@ -171,3 +187,31 @@ def test_lora_on_a_vit_never_catches_the_patch_embedding():
     model = vp.attach(tiny_vit(0), "lora")
     assert type(model.patch_embed.proj) is nn.Conv2d
     assert len([n for n, _ in model.named_modules() if n.endswith("lora_A")]) == 2 * 4
+
+
+def test_deep_prompts_survive_block_wrapping_by_another_adapter():
+    x = _images()
+    model = vp.attach(tiny_vit(0), "vpt", num_tokens=2, deep=True).eval()
+    model = vp.attach(model, "adaptformer", name="af", bottleneck=4).eval()
+    before = model(x)
+    with torch.no_grad():
+        model.vpt_prompts["default"].prompts[1].add_(1.0)  # only the deep prompts of block 1
+    assert not torch.equal(model(x), before), "deep prompts must still enter block 1"
+    plain = vp.detach(vp.detach(model, "af"))
+    assert not plain.blocks[1]._forward_pre_hooks and torch.equal(plain(x), tiny_vit(0).eval()(x))
+
+
+def test_prompt_dropout_draws_a_mask_per_sample():
+    model = vp.attach(tiny_vit(0), "vpt", num_tokens=4, dropout=0.5)
+    prompts = model.vpt_prompts["default"]
+    prompts.train()
+    batch = prompts.layer(0, 8)
+    assert not all(torch.equal(batch[0], batch[i]) for i in range(1, 8))
+
+
+def test_full_fine_tuning_trains_a_frozen_model_too():
+    vit = tiny_vit(0).requires_grad_(False)
+    model = vp.attach(vit, "full")
+    assert vp.summary(model)["trainable"] == vp.summary(model)["total"]
+    restored = vp.detach(model)
+    assert not any(p.requires_grad for p in restored.parameters())

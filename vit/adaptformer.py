@@ -28,11 +28,16 @@ class AdaptFormerConfig(MethodConfig):
 
     bottleneck: int = field(64, help="hidden width of the bottleneck", ge=1)
     scale: float = field(0.1, help="multiplier of the branch output (s)", ge=0)
-    learnable_scale: bool = field(False, help="learn s (one scalar per block), starting from `scale`")
+    learnable_scale: bool = field(False, help="learn s (one scalar per block), starting at 1.0 as the original")
     dropout: float = field(0.1, help="dropout on the bottleneck activation", ge=0, lt=1)
     layers: list[int] | None = field(None, help="block indices to adapt; default: every block")
 
     def check(self) -> None:
+        if self.learnable_scale and self.scale != 0.1:
+            raise ConfigError(
+                "adaptformer.scale: a learnable scale starts at 1.0, as in the original code; leave scale unset "
+                "or set learnable_scale: false"
+            )
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ConfigError(f"adaptformer.layers: {self.layers} must be non-empty block indices >= 0")
 
@@ -53,7 +58,8 @@ class ParallelAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         if learnable_scale:
-            self.scale = nn.Parameter(torch.full((1,), float(scale), **kw))
+            # The original's "learnable_scalar" is nn.Parameter(torch.ones(1)).
+            self.scale = nn.Parameter(torch.ones(1, **kw))
         else:
             self.register_buffer("scale", torch.tensor(float(scale), **kw), persistent=False)
 

@@ -83,11 +83,6 @@ class VitMethod(Method):
             tensors.update(head_tensors(model, self._head, self.adapter_name))
         return tensors
 
-    def set_train_mode(self, model: nn.Module, mode: bool) -> None:
-        if not mode:
-            return
-        find_vit(model).eval()
-        for module in self.own_modules(model):
-            module.train()
-        if self._head is not None:
-            model.get_submodule(self._head).train()
+    def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
+        head = [model.get_submodule(self._head)] if self._head is not None else []
+        return self.own_modules(model) + head

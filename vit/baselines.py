@@ -64,5 +64,6 @@ class FullFineTune(VitMethod):
     def own_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return dict(self._params)
 
-    def set_train_mode(self, model: nn.Module, mode: bool) -> None:
+    def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
         """Everything trains, so the whole model follows the train/eval mode."""
+        return None

@@ -33,6 +33,7 @@ TIMM_VIT = Host(
     lora_targets=[VIT_LORA_TARGETS],
     head="head",
     enable_gradient_checkpointing=_enable_checkpointing,
+    frozen_backbone_eval=True,
 )
 
 VIDEO_VIT = Host(
@@ -41,6 +42,7 @@ VIDEO_VIT = Host(
     lora_targets=["vit\\." + VIT_LORA_TARGETS],
     head="vit.head",
     enable_gradient_checkpointing=_enable_checkpointing,
+    frozen_backbone_eval=True,
 )
 
 HOSTS = [TIMM_VIT, VIDEO_VIT]

@@ -107,23 +107,45 @@ class AdaptedBlock(nn.Module):
         return out
 
 
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _swap_hooks(a: nn.Module, b: nn.Module) -> None:
+    # AdaptedBlock calls the inner block's parts, not the block itself, so hooks that other adapters
+    # put on the block (VPT's deep prompts) must move to whatever sits at its place in `blocks`. The
+    # dicts move whole, so the hooks' handles still remove them.
+    for name in _HOOK_DICTS:
+        first, second = getattr(a, name), getattr(b, name)
+        setattr(a, name, second)
+        setattr(b, name, first)
+
+
 def adapted_block(model: nn.Module, index: int) -> AdaptedBlock:
-    """The :class:`AdaptedBlock` at ``blocks[index]`` of the ViT in ``model``, wrapping it if needed."""
+    """The :class:`AdaptedBlock` at ``blocks[index]`` of the ViT in ``model``, wrapping it if needed.
+
+    Forward hooks registered on the block move to the wrapper, so they keep running at the
+    block's place in the sequence.
+    """
     vit = find_vit(model)
     block = vit.blocks[index]
     if isinstance(block, AdaptedBlock):
         return block
     wrapper = AdaptedBlock(block)
+    _swap_hooks(block, wrapper)
     replace_module(vit, f"blocks.{index}", wrapper)
     return wrapper
 
 
 def release_block(model: nn.Module, index: int) -> None:
-    """Unwrap ``blocks[index]`` when no adapter is inserted in it any more."""
+    """Unwrap ``blocks[index]`` when no adapter is inserted in it any more (its hooks move back)."""
     vit = find_vit(model)
     block = vit.blocks[index]
     if isinstance(block, AdaptedBlock) and block.is_empty():
         replace_module(vit, f"blocks.{index}", block.block)
+        _swap_hooks(block, block.block)
 
 
 def set_extra_tokens(vit: nn.Module, owner: str, count: int) -> None:

@@ -47,8 +47,8 @@ class VisualPrompts(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def layer(self, index: int, batch: int) -> torch.Tensor:
-        """The prompts entering block ``index``, expanded over the batch."""
-        return self.dropout(self.prompts[index]).unsqueeze(0).expand(batch, -1, -1)
+        """The prompts entering block ``index``, expanded over the batch (one dropout mask per sample)."""
+        return self.dropout(self.prompts[index].unsqueeze(0).expand(batch, -1, -1))
 
 
 def init_bound(vit: nn.Module) -> float:

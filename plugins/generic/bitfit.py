@@ -119,6 +119,11 @@ class BitFit(Method):
             merge_head(model, self._head, self.adapter_name)
         return model
 
+    def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
+        if not find_host(model).frozen_backbone_eval:
+            return None
+        return [model.get_submodule(self._head)] if self._head is not None else []
+
     def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         tensors = {}
         for mname, pname in self._targets:

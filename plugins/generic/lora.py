@@ -143,6 +143,12 @@ class LoRA(Method):
             merge_head(model, self._head, self.adapter_name)
         return model
 
+    def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
+        if not find_host(model).frozen_backbone_eval:
+            return None
+        head = [model.get_submodule(self._head)] if self._head is not None else []
+        return [layer.lora_dropout[self.adapter_name] for layer in self._layers(model)] + head
+
     def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         tensors = {}
         for n, p in model.named_parameters():
