@@ -89,9 +89,10 @@ def _eval(path: str, overrides: list[str], adapter: str) -> int:
 
     run = load_run_config(path, overrides)
     task = get_task(run.task)(run)
+    # The model first: the evaluation transform may depend on it (its normalisation statistics).
+    model = task.build_model(adapter=adapter)
     if task.eval_dataset() is None:
         raise ConfigError("data.eval_split: the task has no evaluation set; set data.eval_split")
-    model = task.build_model(adapter=adapter)
     trainer = Trainer(task, run.train, run.output_dir, model=model)
     print(json.dumps(trainer.evaluate(), default=str))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -27,9 +28,12 @@ from visionpeft._version import __version__
 from visionpeft.errors import AdapterMismatchError
 from visionpeft.hosts import model_family
 
+logger = logging.getLogger("visionpeft")
+
 ADAPTER_FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
+EMBEDDED_CONFIG_KEY = "visionpeft_config"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -117,28 +121,48 @@ def write_adapter(
 ) -> Path:
     """Write an adapter folder; each file is replaced atomically.
 
-    The weights are written first and the config records their SHA-256, so a crash between the
-    two writes is detected at load time instead of pairing a config with the wrong weights.
+    The weights file also carries the config in its metadata, and the JSON config records the
+    weights' SHA-256. The weights are written first: if a crash comes between the two writes, the
+    folder holds the new, self-describing weights beside the old JSON, and
+    :func:`read_adapter_config` loads the new adapter from the weights' own copy of the config.
     """
     directory = Path(directory)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    blob = safetensors_save(cpu, metadata={"format": "pt", "visionpeft_method": method})
-    payload = {
+    payload: dict[str, Any] = {
         "format_version": ADAPTER_FORMAT_VERSION,
         "method": method,
         "adapter_name": adapter_name,
         "config": dict(config),
         "base_model": dict(base),
         "versions": _library_versions(),
-        "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(blob).hexdigest(), "num_tensors": len(cpu)},
     }
+    metadata = {"format": "pt", "visionpeft_method": method, EMBEDDED_CONFIG_KEY: json.dumps(payload)}
+    blob = safetensors_save(cpu, metadata=metadata)
+    payload["weights"] = {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(blob).hexdigest(), "num_tensors": len(cpu)}
     atomic_write_bytes(directory / WEIGHTS_NAME, blob)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
     return directory
 
 
+def _embedded_config(weights: Path) -> dict[str, Any] | None:
+    """The config a weights file carries in its metadata, with its checksum, or ``None``."""
+    try:
+        blob = weights.read_bytes()
+        header_len = int.from_bytes(blob[:8], "little")
+        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
+        payload = json.loads(metadata[EMBEDDED_CONFIG_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    payload["weights"] = {"file": weights.name, "sha256": hashlib.sha256(blob).hexdigest(), "num_tensors": None}
+    return payload
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``adapter_config.json``; errors say what is wrong with the folder."""
+    """Read and check ``adapter_config.json``; errors say what is wrong with the folder.
+
+    When the JSON does not describe the weights file beside it (a save interrupted between its
+    two writes), the config the weights file carries is used instead, with a warning.
+    """
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
@@ -149,6 +173,16 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise AdapterMismatchError(f"{path} is not valid JSON ({err}); the file is damaged") from err
+    recorded = payload.get("weights", {})
+    weights = directory / recorded.get("file", WEIGHTS_NAME)
+    if weights.is_file() and recorded.get("sha256") != hashlib.sha256(weights.read_bytes()).hexdigest():
+        embedded = _embedded_config(weights)
+        if embedded is not None:
+            logger.warning(
+                "%s does not describe %s (a save was interrupted between its two writes?); using the config "
+                "stored in the weights file", path, weights.name,
+            )
+            payload = embedded
     version = payload.get("format_version")
     if version != ADAPTER_FORMAT_VERSION:
         raise AdapterMismatchError(

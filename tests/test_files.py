@@ -71,11 +71,31 @@ def test_same_shapes_other_weights_is_allowed(tmp_path):
     vp.load(toy_net(seed=5), tmp_path)
 
 
-def test_tampered_weights_are_detected(tmp_path):
+def test_a_save_interrupted_between_its_two_writes_loads_the_new_adapter(tmp_path, monkeypatch, caplog):
+    old = _adapted()
+    vp.save(old, tmp_path)
+    new = _adapted("bitfit", seed=0)
+    expected = new(toy_inputs())
+
+    def crash(path, text):
+        raise KeyboardInterrupt("killed before the config was written")
+
+    monkeypatch.setattr(files, "atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        vp.save(new, tmp_path)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == "lora"  # the old JSON
+    loaded = vp.load(toy_net(), tmp_path)
+    assert get_state(loaded).adapters["default"].method.name == "bitfit"
+    assert torch.equal(loaded(toy_inputs()), expected)
+    assert "interrupted" in caplog.text
+
+
+def test_foreign_weights_without_their_config_are_detected(tmp_path):
+    from safetensors.torch import save_file
+
     vp.save(_adapted(), tmp_path)
-    other = tmp_path / "other"
-    vp.save(_adapted("bitfit"), other)
-    os.replace(other / "adapter.safetensors", tmp_path / "adapter.safetensors")
+    save_file({"blocks.0.fc1.lora_A.weight": torch.zeros(8, 16)}, tmp_path / "adapter.safetensors")
     with pytest.raises(AdapterMismatchError, match="checksum"):
         vp.load(toy_net(), tmp_path)
 

@@ -54,7 +54,7 @@ def run_config(data_root: Path, output: Path, method: dict, **train) -> dict:
         "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": TINY},
         "method": method,
         "data": {"format": "vtab", "root": str(data_root), "train_split": "train800val200", "eval_split": "test",
-                 "image_size": 32, "normalization": "imagenet"},
+                 "image_size": 32},
         "train": {"epochs": 8, "batch_size": 16, "lr": 3e-3, "optimizer": "adamw", "warmup_steps": 2, "seed": 0,
                   "progress": False, "log_every": 5, **train},
         "output_dir": str(output),
@@ -134,6 +134,20 @@ def test_resume_from_the_cli_continues_the_run(vtab, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == straight["step"] == 6
 
 
+def test_image_size_and_num_classes_are_checked_before_training(vtab, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    tree = run_config(vtab, tmp_path / "a", {"name": "linear"})
+    tree["data"]["image_size"] = 64
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 2
+    assert "data.image_size: 64 does not match the model's input size 32" in capsys.readouterr().err
+    tree["data"]["image_size"] = 32
+    tree["data"]["num_classes"] = 1
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 2
+    assert "data.num_classes: 1 is too small for label 1" in capsys.readouterr().err
+
+
 def test_wrong_model_family_and_unreadable_images(vtab, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     tree = run_config(vtab, tmp_path / "a", {"name": "vpt"})
@@ -165,10 +179,37 @@ def test_checkpoint_and_local_weights(tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in source.state_dict().items() if not k.startswith("head"))
     assert model.head.out_features == 3
+    resized = build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "weights.safetensors",
+                        **{**TINY, "img_size": 48})
+    assert resized.pos_embed.shape == (1, 1 + 36, 64)
     with pytest.raises(ConfigError, match="does not exist"):
         build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "missing.pth")
     with pytest.raises(ConfigError, match="closest names"):
         build_vit("vit_tiny_patch16_22", 3)
+    with pytest.raises(ConfigError, match=r"model\.kwargs: .*unexpected keyword argument 'foo'"):
+        build_vit("vit_tiny_patch16_224", 3, **TINY, foo=1)
+
+
+def test_a_checkpoint_that_does_not_fit_is_an_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from visionpeft.vit.models import build_vit
+
+    torch.manual_seed(0)
+    state = timm.create_model("vit_tiny_patch16_224", num_classes=7, **TINY).state_dict()
+    partial = {k: v for k, v in state.items() if k != "blocks.1.attn.qkv.weight"}
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(ConfigError, match=r"missing \['blocks\.1\.attn\.qkv\.weight'\]"):
+        build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "partial.safetensors", **TINY)
+    deeper = timm.create_model("vit_tiny_patch16_224", num_classes=7, **{**TINY, "depth": 3}).state_dict()
+    torch.save(deeper, tmp_path / "deeper.pth")
+    with pytest.raises(ConfigError, match=r"unexpected \['blocks\.2\."):
+        build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "deeper.pth", **TINY)
+    (tmp_path / "notes.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="could not be read as a checkpoint"):
+        build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "notes.pth", **TINY)
+    with pytest.raises(ConfigError, match="not both"):
+        build_vit("vit_tiny_patch16_224", 3, pretrained=True, checkpoint=tmp_path / "deeper.pth", **TINY)
 
 
 def make_clips(root: Path, count: int, frames: int = 6) -> Path:

@@ -130,6 +130,7 @@ class VitTask(Task):
                                        sampling=self.options.get("sampling", "uniform"),
                                        stride=self.options.get("stride", 4), transform=transform, train=train,
                                        seed=self.run.train.seed, skip_bad=skip_bad)
+        self._check_labels(dataset)
         self._datasets[split] = dataset
         return dataset
 
@@ -152,6 +153,7 @@ class VitTask(Task):
 
     def build_model(self, adapter: str | os.PathLike | None = None) -> nn.Module:
         from visionpeft.vit.models import build_vit
+        from visionpeft.vit.surface import find_vit
         from visionpeft.vit.video import VideoClassifier
 
         model_cfg = self.run.model
@@ -166,12 +168,33 @@ class VitTask(Task):
         backbone = build_vit(model_cfg.name, num_classes, pretrained=model_cfg.pretrained,
                              checkpoint=model_cfg.checkpoint, **model_cfg.kwargs)
         self._model = backbone
+        self._check_image_size(find_vit(backbone))
         if self.data.format == "video":
             backbone = VideoClassifier(backbone, self.options.get("num_frames", 8))
         if adapter is not None:
             return vp.load(backbone, adapter)
         method = {k: v for k, v in self.run.method.items() if k != "name"}
         return vp.attach(backbone, self.run.method["name"], **method)
+
+    def _check_image_size(self, vit: nn.Module) -> None:
+        size = self.options.get("image_size", 224)
+        expected = tuple(vit.patch_embed.img_size) if vit.patch_embed.img_size is not None else None
+        if expected is not None and not getattr(vit, "dynamic_img_size", False) and expected != (size, size):
+            raise ConfigError(
+                f"data.image_size: {size} does not match the model's input size {expected[0]}; set "
+                f"data.image_size: {expected[0]}, or model.kwargs.img_size: {size} (timm resamples the position "
+                "embedding of pretrained weights)"
+            )
+
+    def _check_labels(self, dataset: Dataset) -> None:
+        if "num_classes" not in self.options:
+            return
+        labels = [label for _, label in getattr(dataset, "samples", [])]
+        if labels and max(labels) >= self.options["num_classes"]:
+            raise ConfigError(
+                f"data.num_classes: {self.options['num_classes']} is too small for label {max(labels)} in the data; "
+                "remove it to size the head from the data"
+            )
 
     def _class_count_without_model(self) -> int:
         from visionpeft.vit import data
