@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--adapter", required=True, help="the adapter folder written by training")
 
-    p = sub.add_parser("demo", help="the main job on an embedded data set (CPU, a few minutes)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the demo")
+    # The demo parses its own options (visionpeft demo --help shows them).
+    sub.add_parser("demo", help="the main job on an embedded data set (CPU, a few minutes)", add_help=False)
     return parser
 
 
@@ -113,7 +113,10 @@ def _demo(args: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "methods":
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args.config, args.overrides, args.resume)
         if args.command == "eval":
             return _eval(args.config, args.overrides, args.adapter)
-        return _demo(args.args)
+        return _demo(extra)
     except VisionPeftError as err:
         if os.environ.get("VISIONPEFT_DEBUG"):
             raise

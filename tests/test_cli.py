@@ -49,3 +49,12 @@ def test_usage_errors_exit_2(capsys):
     assert err.value.code == 2
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_demo_options_reach_the_demo(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["demo", "--help"])
+    assert err.value.code == 0
+    assert "--output-dir" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["methods", "--output-dir", "x"])
