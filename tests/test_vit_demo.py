@@ -85,7 +85,9 @@ def _results(folder) -> dict:
 def test_quick_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "cache"))
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     assert demo.main(["--quick", "--output-dir", str(out), "--no-cache"]) == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the demo only
     results = _results(out)
     pairs = [(r["method"], r["regime"]) for r in results["rows"]]
     assert sorted(pairs) == sorted((m, g.name) for m in demo.QUICK_METHODS for g in demo.QUICK_REGIMES)
@@ -130,6 +132,8 @@ def test_cache_key_changes_with_the_settings():
     assert base == demo.cache_key(demo.Backbone(), demo.Pretraining())
     assert base != demo.cache_key(demo.Backbone(depth=3), demo.Pretraining())
     assert base != demo.cache_key(demo.Backbone(), demo.Pretraining(lr=1e-3))
+    assert demo.cache_key(demo.Backbone(), demo.Pretraining(), threads=1) != demo.cache_key(
+        demo.Backbone(), demo.Pretraining(), threads=2)
 
 
 def test_missing_packages_are_named_with_the_extra(monkeypatch, capsys):

