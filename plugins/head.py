@@ -42,6 +42,11 @@ def merge_head(model: nn.Module, head: str, adapter_name: str) -> None:
         detach_head(model, head, adapter_name)
 
 
+def head_modules(model: nn.Module, head: str | None) -> list[nn.Module]:
+    """The head's wrapper as a one-item list (for ``Method.train_modules``), or ``[]`` without a head."""
+    return [model.get_submodule(head)] if head is not None else []
+
+
 def head_tensors(model: nn.Module, head: str, adapter_name: str) -> dict[str, torch.Tensor]:
     """The copy's parameters keyed as the head's own (``head.weight``, ``head.bias``)."""
     copy = model.get_submodule(head).copies[adapter_name]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from visionpeft.errors import UnsupportedModelError
-from visionpeft.head import attach_head, detach_head, head_tensors, merge_head
+from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
 from visionpeft.method import Method
 from visionpeft.vit.surface import SUPPORTED, check_blocks, find_vit, vit_prefix
 
@@ -84,5 +84,4 @@ class VitMethod(Method):
         return tensors
 
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
-        head = [model.get_submodule(self._head)] if self._head is not None else []
-        return self.own_modules(model) + head
+        return self.own_modules(model) + head_modules(model, self._head)

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError, NoMatchError
-from visionpeft.head import attach_head, detach_head, head_tensors, merge_head
+from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
 from visionpeft.hosts import find_host
 from visionpeft.method import Method, get_state
 from visionpeft.modules import AddDelta, TrainableCopy
@@ -122,7 +122,7 @@ class BitFit(Method):
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
         if not find_host(model).frozen_backbone_eval:
             return None
-        return [model.get_submodule(self._head)] if self._head is not None else []
+        return head_modules(model, self._head)
 
     def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         tensors = {}

@@ -19,7 +19,7 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
-from visionpeft.head import attach_head, detach_head, head_tensors, merge_head
+from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
 from visionpeft.hosts import find_host
 from visionpeft.inject import find_modules, replace_module
 from visionpeft.method import Method
@@ -146,8 +146,8 @@ class LoRA(Method):
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
         if not find_host(model).frozen_backbone_eval:
             return None
-        head = [model.get_submodule(self._head)] if self._head is not None else []
-        return [layer.lora_dropout[self.adapter_name] for layer in self._layers(model)] + head
+        dropouts = [layer.lora_dropout[self.adapter_name] for layer in self._layers(model)]
+        return dropouts + head_modules(model, self._head)
 
     def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         tensors = {}
