@@ -35,6 +35,8 @@ class Method:
         freezes_base: whether the base model's parameters are frozen when the method attaches.
         starts_as_identity: whether the adapted model's output equals the base model's at attach
             (zero-initialised adapters); the conformance suite checks it.
+        trains: whether the method has tensors to train; ``False`` for baselines such as
+            zero-shot classifiers, whose saved adapter is only their config.
     """
 
     name: ClassVar[str] = ""
@@ -44,6 +46,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     freezes_base: ClassVar[bool] = True
     starts_as_identity: ClassVar[bool] = False
+    trains: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         self.config = config

@@ -79,8 +79,19 @@ class TrainConfig:
     momentum: float = field(0.9, help="SGD momentum", ge=0, lt=1)
     betas: tuple[float, ...] = field((0.9, 0.999), help="AdamW betas", ge=0, lt=1)
     scheduler: Literal["cosine", "constant"] = field("cosine", help="learning-rate schedule after warmup")
-    warmup_steps: int | None = field(None, help="linear warmup length in optimizer steps", ge=0)
-    warmup_epochs: float | None = field(None, help="linear warmup length in epochs", ge=0)
+    warmup_steps: int | None = field(None, help="warmup length in optimizer steps", ge=0)
+    warmup_epochs: float | None = field(None, help="warmup length in epochs", ge=0)
+    warmup_type: Literal["linear", "constant"] = field(
+        "linear", help="linear: from 0 to lr; constant: warmup_lr throughout the warmup (Dassl's, as CoOp)"
+    )
+    warmup_lr: float = field(1e-5, help="the learning rate of a constant warmup", gt=0)
+    schedule_unit: Literal["step", "epoch"] = field(
+        "step", help="the learning rate changes every optimizer step, or once per epoch (Dassl, as CoOp)"
+    )
+    cosine_length: Literal["remaining", "total"] = field(
+        "remaining", help="the cosine spans the run after warmup, or the whole run's length counted from the end "
+        "of warmup (Dassl's: it never reaches min_lr)"
+    )
     min_lr: float = field(0.0, help="learning rate at the end of the cosine schedule", ge=0)
     seed: int = field(0, help="seed of the model's init, data order and dropout", ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = field("fp32", help="autocast precision; trained tensors stay fp32")
@@ -94,7 +105,9 @@ class TrainConfig:
     log_every: int = field(10, help="write the training loss to metrics.jsonl every N steps", ge=1)
     num_workers: int = field(0, help="data-loading worker processes", ge=0)
     shuffle: bool = field(True, help="shuffle the training set each epoch")
-    drop_last: bool = field(False, help="drop the last incomplete batch of each epoch")
+    drop_last: bool = field(
+        False, help="drop the last incomplete batch of each epoch (kept when it is the only one, as Dassl does)"
+    )
     progress: bool = field(True, help="show tqdm progress bars")
 
     def __post_init__(self) -> None:
@@ -183,7 +196,7 @@ def parse_run_config(tree: Any) -> RunConfig:
     except ValueError as err:
         raise ConfigError(f"method.name: {err}") from err
     task_cls = get_task(tree["task"])
-    train = build_dataclass(TrainConfig, _with_recipe(task_cls, tree.get("train") or {}), "train.")
+    train = build_dataclass(TrainConfig, _with_recipe(task_cls, tree.get("train") or {}, tree), "train.")
     output_dir = tree.get("output_dir", "runs/run")
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"output_dir: expected a folder path, got {output_dir!r}")
@@ -192,7 +205,7 @@ def parse_run_config(tree: Any) -> RunConfig:
     return run
 
 
-def _with_recipe(task_cls: Any, train: Any) -> Any:
+def _with_recipe(task_cls: Any, train: Any, tree: dict[str, Any]) -> Any:
     """The ``train`` section over the task's preset named by ``train.recipe`` (explicit keys win)."""
     if not isinstance(train, dict) or train.get("recipe") is None:
         return train
@@ -201,7 +214,7 @@ def _with_recipe(task_cls: Any, train: Any) -> Any:
     if name not in recipes:
         raise ConfigError(f"train.recipe: {name!r} is not a recipe of task {task_cls.name!r}; choose one of "
                           f"{sorted(recipes) or 'none'}")
-    return {**recipes[name], **train}
+    return {**task_cls.recipe(name, tree), **train}
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:

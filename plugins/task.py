@@ -41,6 +41,14 @@ class Task:
 
     def __init__(self, run: Any) -> None:
         self.run = run
+        #: the trainer's optimizer step, set before each :meth:`evaluate` call
+        self.step = 0
+
+    @classmethod
+    def recipe(cls, name: str, tree: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``train`` keys of preset ``name``; ``tree`` is the whole run config, for presets that
+        depend on the data (CoOp's epochs follow the number of shots)."""
+        return dict(cls.recipes[name])
 
     @classmethod
     def check_config(cls, run: Any) -> None:

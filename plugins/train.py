@@ -124,30 +124,55 @@ def warmup_length(train: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def lr_factor(
-    step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine", min_ratio: float = 0.0
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str = "cosine",
+    min_ratio: float = 0.0,
+    *,
+    warmup_type: str = "linear",
+    warmup_ratio: float = 0.0,
+    cosine_length: str = "remaining",
 ) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) as a fraction of the peak.
+    """The learning rate of step ``step`` (0-based) as a fraction of the peak.
 
-    Linear warmup from 0 over ``warmup_steps`` steps, then a cosine decay to ``min_ratio`` at
-    ``total_steps`` (or the peak kept, for ``"constant"``).
+    A warmup over ``warmup_steps`` steps, linear from 0 or constant at ``warmup_ratio``; then a
+    cosine decay towards ``min_ratio`` (or the peak kept, for ``"constant"``). The cosine spans the
+    steps after warmup (``"remaining"``: it ends at ``min_ratio``), or ``total_steps`` counted from
+    the end of warmup (``"total"``, Dassl's scheduler behind CoOp: it stops short of the minimum).
     """
     if step < warmup_steps:
-        return step / warmup_steps
+        return warmup_ratio if warmup_type == "constant" else step / warmup_steps
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    span = total_steps if cosine_length == "total" else total_steps - warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, span))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int, steps_per_epoch: int, world_size: int = 1
 ) -> LambdaLR:
-    """The per-optimizer-step schedule of ``train`` as a ``LambdaLR`` (whose state checkpoints)."""
-    warmup = warmup_length(train, steps_per_epoch)
-    min_ratio = min(1.0, train.min_lr / peak_lr(train, world_size))
+    """The schedule of ``train`` as a ``LambdaLR`` stepped once per optimizer step (its state checkpoints).
 
-    def factor(step: int) -> float:
-        return lr_factor(step, total_steps, warmup, train.scheduler, min_ratio)
+    With ``schedule_unit: epoch`` the rate is a function of the epoch (``step // steps_per_epoch``),
+    the warmup and the length counted in epochs, as Dassl's per-epoch schedulers do.
+    """
+    peak = peak_lr(train, world_size)
+    min_ratio = min(1.0, train.min_lr / peak)
+    kwargs = {"warmup_type": train.warmup_type, "warmup_ratio": train.warmup_lr / peak,
+              "cosine_length": train.cosine_length}
+    if train.schedule_unit == "epoch":
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        warmup_epochs = round(warmup_length(train, steps_per_epoch) / steps_per_epoch)
+
+        def factor(step: int) -> float:
+            return lr_factor(step // steps_per_epoch, epochs, warmup_epochs, train.scheduler, min_ratio, **kwargs)
+    else:
+        warmup = warmup_length(train, steps_per_epoch)
+
+        def factor(step: int) -> float:
+            return lr_factor(step, total_steps, warmup, train.scheduler, min_ratio, **kwargs)
 
     return LambdaLR(optimizer, factor)
 
@@ -169,8 +194,9 @@ class EpochBatchSampler(Sampler[list[int]]):
     """The micro-batches one process trains on in one epoch, from local batch ``start`` on.
 
     The epoch's order (:func:`epoch_order`) is cut into batches of ``batch_size`` (the last one
-    short unless ``drop_last``). With several processes the list is padded by repeating its first
-    batches until every process gets as many, then process ``rank`` takes ``batches[rank::world]``.
+    short unless ``drop_last`` and a full batch exists). With several processes the list is padded
+    by repeating its first batches until every process gets as many, then process ``rank`` takes
+    ``batches[rank::world]``.
     ``start`` skips the batches a resumed run already trained on.
     """
 
@@ -188,7 +214,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         start: int = 0,
     ) -> None:
         order = epoch_order(num_samples, seed, epoch, shuffle).tolist()
-        stop = num_samples - num_samples % batch_size if drop_last else num_samples
+        # As Dassl: the incomplete last batch is dropped only when a full one is left.
+        stop = num_samples - num_samples % batch_size if drop_last and num_samples >= batch_size else num_samples
         batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
         if world_size > 1 and batches and len(batches) % world_size:
             pad = world_size - len(batches) % world_size
@@ -524,6 +551,8 @@ class Trainer:
         from accelerate.utils import send_to_device
 
         set_train_mode(model, False)
+        # Tasks that write files per evaluation (sample grids) name them by the step.
+        self.task.step = self.global_step
         batches = (send_to_device(batch, device) for batch in loader)
         with torch.no_grad(), self.accelerator.autocast():
             metrics = self.task.evaluate(model, batches)

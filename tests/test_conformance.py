@@ -22,7 +22,7 @@ from visionpeft.errors import AdapterError, AdapterMismatchError
 from visionpeft.method import get_state
 from visionpeft.registry import get_method
 
-from tiny_models import tiny_vit
+from tiny_models import tiny_clip, tiny_custom_text_clip, tiny_vit
 from toy import toy_inputs, toy_net
 
 
@@ -52,6 +52,29 @@ def _video(seed: int) -> nn.Module:
     return VideoClassifier(tiny_vit(seed), num_frames=4)
 
 
+class ClipCase(Case):
+    """An open_clip model: prompt learners map images to logits; other methods get CLIP's own logits."""
+
+    def forward(self, model: nn.Module) -> torch.Tensor:
+        from visionpeft.vla.prompts import PromptedCLIP
+
+        images = self.inputs()
+        if isinstance(model, PromptedCLIP):
+            return model(images)
+        image, text = model.encode_image(images), model.encode_text(_clip_tokens())
+        return image @ text.T
+
+
+def _clip_images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def _clip_tokens() -> torch.Tensor:
+    from tiny_models import clip_tokenizer
+
+    return clip_tokenizer()(["a photo of a dog.", "a photo of a cat.", "a photo of a golden retriever."])
+
+
 CASES: list[Case] = [Case("toy", lambda seed: toy_net(seed, dropout=0.0), toy_inputs)]
 if importlib.util.find_spec("timm") is not None:
     CASES += [
@@ -59,6 +82,48 @@ if importlib.util.find_spec("timm") is not None:
         Case("vit-reg-avg", lambda seed: tiny_vit(seed, reg_tokens=2, class_token=False, global_pool="avg"), _images),
         Case("video", _video, _clips),
     ]
+if importlib.util.find_spec("open_clip") is not None:
+    CASES += [
+        ClipCase("clip", tiny_clip, _clip_images),
+        ClipCase("custom-text-clip", tiny_custom_text_clip, _clip_images),
+    ]
+
+
+class SDCase(Case):
+    """A Stable Diffusion container: the UNet's prediction for noisy latents under prompts (and a condition).
+
+    The prompts are tokenized by the model's own tokenizer at each call, so a textual-inversion
+    placeholder (the default ``<concept>``) is one token once it is attached; the condition
+    images feed a T2I-Adapter and are ignored without one.
+    """
+
+    def forward(self, model: nn.Module) -> torch.Tensor:
+        latents, timesteps, condition = self.inputs()
+        ids = model.tokenize(["a photo of <concept>", "a <concept> on the beach"])
+        return model(latents, timesteps, ids["input_ids"], ids.get("input_ids_2"), condition)
+
+
+_SD_MODELS: dict[int, nn.Module] = {}
+
+
+def _tiny_sd(seed: int) -> nn.Module:
+    # Built once per seed and copied: the tiny pipeline takes seconds to build, a copy milliseconds.
+    if seed not in _SD_MODELS:
+        from visionpeft.diffusion.models import StableDiffusionModel
+
+        from tiny_models import tiny_sd_pipeline
+
+        _SD_MODELS[seed] = StableDiffusionModel.from_pipeline(tiny_sd_pipeline(seed))
+    return copy.deepcopy(_SD_MODELS[seed])
+
+
+def _sd_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.rand(2, 3, 32, 32, generator=g)
+
+
+if importlib.util.find_spec("diffusers") is not None:
+    CASES += [SDCase("sd", _tiny_sd, _sd_inputs)]
 
 # Config arguments a method needs beyond its defaults, and attach arguments sized for tiny models.
 CONFIG_KWARGS: dict[str, dict[str, Any]] = {}
@@ -66,6 +131,13 @@ ATTACH_KWARGS: dict[str, dict[str, Any]] = {
     "vpt": {"num_tokens": 3, "deep": True},
     "adaptformer": {"bottleneck": 8},
     "st_adapter": {"bottleneck": 8, "positions": ["before_attn", "before_mlp"]},
+    "coop": {"classnames": ["dog", "cat", "golden_retriever"], "n_ctx": 4},
+    "cocoop": {"classnames": ["dog", "cat", "golden_retriever"], "text_chunk_size": 4},
+    "maple": {"classnames": ["dog", "cat", "golden_retriever"], "prompt_depth": 2},
+    "zeroshot": {"classnames": ["dog", "cat", "golden_retriever"]},
+    # Stable Diffusion's VAE only encodes latents under no_grad, so its biases can never train; the
+    # default pattern with vae.* excluded, the same selection on every other case.
+    "bitfit": {"bias_pattern": r"(?!vae\.)(.*\.)?[a-z_]*bias"},
 }
 
 METHODS = [m.name for m in vp.methods()]
@@ -96,7 +168,15 @@ def test_every_method_has_a_case():
     assert set(METHODS) == covered, f"methods without a conformance case: {sorted(set(METHODS) - covered)}"
 
 
-@pytest.mark.parametrize(("method", "case"), PARAMS)
+@pytest.mark.parametrize(("method", "case"), [p for p in PARAMS if not get_method(p.values[0]).trains])
+def test_baselines_that_train_nothing_freeze_everything(method, case):
+    model = _attach(case, method, case.build(0))
+    assert get_state(model).adapters["default"].method.trained_tensors(model) == {}
+    assert not any(p.requires_grad for p in model.parameters())
+    assert case.forward(model).grad_fn is None
+
+
+@pytest.mark.parametrize(("method", "case"), [p for p in PARAMS if get_method(p.values[0]).trains])
 def test_gradients_reach_only_trained_tensors(method, case):
     model = _attach(case, method, case.build(0))
     model.train()
@@ -121,8 +201,12 @@ def test_gradients_reach_only_trained_tensors(method, case):
 @pytest.mark.parametrize(("method", "case"), [p for p in PARAMS if get_method(p.values[0]).starts_as_identity])
 def test_identity_at_attach(method, case):
     model = case.build(0).eval()
-    before = case.forward(model)
-    after = case.forward(_attach(case, method, model).eval())
+    # The base frozen first, as attaching leaves it: nn.MultiheadAttention (CLIP) computes in a
+    # different order when its weights require grad, even without autograd.
+    model.requires_grad_(False)
+    with torch.no_grad():
+        before = case.forward(model)
+        after = case.forward(_attach(case, method, model).eval())
     assert torch.equal(before, after)
 
 

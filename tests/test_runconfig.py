@@ -103,9 +103,9 @@ def test_missing_sections_and_unknown_sections():
         parse_run_config({**good(), "train": {"lr": 0.1}})
 
 
-def test_domain_tasks_not_yet_installed_say_so():
-    with pytest.raises(ConfigError, match="task: 'vla' is not available in this installation"):
-        parse_run_config({**good(), "task": "vla"})
+def test_unknown_tasks_list_the_domains():
+    with pytest.raises(ConfigError, match="task: 'audio' is unknown; choose one of"):
+        parse_run_config({**good(), "task": "audio"})
 
 
 def test_overrides_parse_yaml_values_and_reject_bad_paths():

@@ -1,0 +1,163 @@
+"""The vla task end to end: CoOp-format data written here, a tiny open_clip architecture, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("open_clip")
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from visionpeft.cli import main
+from visionpeft.errors import ConfigError
+from visionpeft.runconfig import load_run_config
+from visionpeft.train import build_scheduler
+from visionpeft.vla.task import coop_epochs
+
+from tiny_models import TINY_CLIP_CFG
+
+CLASSES = ["AnnualCrop", "Forest", "Highway", "River"]
+# As in CoOp's split_zhou_EuroSAT.json, which spells the classes with its NEW_CNAMES.
+NAMES = ["Annual Crop Land", "Forest", "Highway or Road", "River"]
+MODEL = "visionpeft-test-tiny-clip"
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory):
+    """Register the tiny CLIP as an open_clip architecture, so the task builds it by name."""
+    path = tmp_path_factory.mktemp("cfg") / f"{MODEL}.json"
+    path.write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(path)
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def eurosat_root(tmp_path_factory):
+    """A small EuroSAT in CoOp's layout: eurosat/2750/<class>/*.jpg and split_zhou_EuroSAT.json."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "eurosat"
+    rng = np.random.default_rng(0)
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(CLASSES):
+        (folder / "2750" / name).mkdir(parents=True)
+        for i in range(9):
+            color = np.array([60 * label, 255 - 50 * label, 120], dtype=np.float64)
+            pixels = np.clip(color + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            rel = f"{name}/{name}_{i}.jpg"
+            Image.fromarray(pixels).save(folder / "2750" / rel)
+            part = "train" if i < 5 else "val" if i < 7 else "test"
+            split[part].append([rel, label, NAMES[label]])
+    (folder / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    return root
+
+
+def _config(tmp_path, root, arch, method, setting="fewshot", **train):
+    train = {"recipe": "coop", "epochs": 2, "batch_size": 4, "seed": 1, "progress": False, **train}
+    config = {
+        "task": "vla",
+        "model": {"name": arch},
+        "method": method,
+        "data": {"format": "coop", "dataset": "EuroSAT", "root": str(root), "setting": setting, "shots": 2},
+        "train": {k: v for k, v in train.items() if v is not None},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "run.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_coop_recipe_follows_the_shots_and_dassl_schedule(tmp_path, eurosat_root, tiny_arch):
+    path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "coop"}, epochs=None)
+    run = load_run_config(path, ["data.shots=1"])
+    assert run.train.epochs == 50 and run.train.optimizer == "sgd" and run.train.lr == 0.002
+    assert [coop_epochs(k, "EuroSAT") for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert coop_epochs(16, "ImageNet") == 50
+    # Dassl's per-epoch schedule for 10 epochs: constant 1e-5 warmup epoch, then a cosine over 10 epochs.
+    run = load_run_config(path, ["train.epochs=10", "data.shots=16"])
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=run.train.lr)
+    scheduler = build_scheduler(optimizer, run.train, total_steps=30, steps_per_epoch=3)
+    rates = []
+    for _ in range(30):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    per_epoch = rates[::3]
+    assert rates[:3] == [per_epoch[0]] * 3
+    expected = [1e-5, 0.002, 0.0019511, 0.001809, 0.0015878, 0.001309, 0.001, 0.000691, 0.0004122, 0.000191]
+    assert per_epoch == pytest.approx(expected, abs=1e-7)
+    assert not any(math.isclose(r, 0) for r in rates)
+
+
+def test_train_then_eval_coop_base_to_novel(tmp_path, eurosat_root, tiny_arch):
+    path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "coop", "n_ctx": 4}, setting="base2novel")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert {"base", "novel", "hm"} <= set(results) and results["setting"] == "base2novel"
+    assert results["hm"] == pytest.approx(2 * results["base"] * results["novel"] / (results["base"] + results["novel"]))
+    words = json.loads((run / "nearest_words.json").read_text())
+    assert len(words) == 4 and all(len(w["words"]) == 3 for w in words)
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["config"]["classnames"] == NAMES[:2]  # the 2 base classes
+    # The saved adapter evaluated again gives the numbers of the end of training.
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [m["eval"] for m in metrics if "eval" in m][-1]
+    (run / "results.json").unlink()
+    assert main(["eval", str(path), "--adapter", str(run / "adapter")]) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["base"] == final["base"] and again["novel"] == final["novel"]
+
+
+def test_zero_shot_baseline_evaluates_without_an_adapter(tmp_path, eurosat_root, tiny_arch, capsys):
+    path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "zeroshot", "template_set": "custom"})
+    assert main(["eval", str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["accuracy"] == printed["accuracy"] and printed["samples"] == 8
+
+
+def test_loss_goes_down_with_maple_and_cocoop(tmp_path, eurosat_root, tiny_arch):
+    from visionpeft.task import get_task
+    from visionpeft.train import Trainer
+
+    for method in ({"name": "maple", "prompt_depth": 2}, {"name": "cocoop"}):
+        path = _config(tmp_path, eurosat_root, tiny_arch, method, max_steps=12, eval_every=0, lr=0.05,
+                       recipe=None, optimizer="adamw", batch_size=8, shuffle=False)
+        run = load_run_config(path, [f"output_dir={tmp_path / method['name']}"])
+        task = get_task("vla")(run)
+        model = task.build_model()
+        batch = next(iter(torch.utils.data.DataLoader(task.train_dataset(), batch_size=8)))
+        with torch.no_grad():
+            before = task.loss(model.eval(), batch).item()
+        Trainer(task, run.train, run.output_dir, model=model).fit()
+        with torch.no_grad():
+            after = task.loss(model.eval(), batch).item()
+        assert after < before, method
+
+
+def test_bad_run_configs_name_the_key(tmp_path, eurosat_root, tiny_arch):
+    path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "coop"})
+    with pytest.raises(ConfigError, match="EuroSATT"):
+        load_run_config(path, ["data.dataset=EuroSATT"])
+    with pytest.raises(ConfigError, match="data.setting"):
+        load_run_config(path, ["data.setting=zero"])
+    with pytest.raises(ConfigError, match="method.classnames"):
+        load_run_config(path, ["method.classnames=[a]"])
+    with pytest.raises(ConfigError, match="data: unknown key"):
+        load_run_config(path, ["data.shot=3"])
+    from visionpeft.errors import DataError
+
+    assert main(["train", str(path), "--set", "data.shots=8"]) == 2  # 5 training images per class
+    with pytest.raises(DataError, match="shots"):
+        from visionpeft.task import get_task
+
+        get_task("vla")(load_run_config(path, ["data.shots=8"])).splits()

@@ -1,0 +1,294 @@
+"""The ``vla`` task: prompt learning for open_clip CLIP with the protocol of the CoOp papers.
+
+A run config with ``task: vla`` names an open_clip model, a method (``coop``, ``cocoop``,
+``maple``, ``zeroshot``, or a generic one) and a data set; the class names come from the data.
+Data keys:
+
+* ``format``: ``coop`` (CoOp's folder layout and ``split_zhou_*.json`` files under ``root``, one
+  of the 11 data sets named by ``dataset``) or ``imagefolder`` (``root/{train,val,test}/<class>/``).
+* ``setting``: ``fewshot`` (train and test on all classes), ``base2novel`` (train on the base
+  half of the classes, report base and novel accuracy and their harmonic mean) or ``all``.
+* ``shots``: images per class for training (16; ``-1`` for all), sampled as Dassl does with the
+  run's ``train.seed`` (the papers use seeds 1, 2, 3); validation gets ``min(shots, 4)``.
+* ``eval_split`` (``test`` or ``val``), ``image_size`` (default: the model's), ``skip_bad``,
+  ``allow_fewer`` (keep a class with fewer images than ``shots`` whole, as Dassl does).
+
+Evaluation reports ``accuracy`` in percent (and ``base``, ``novel``, ``hm`` for base-to-novel)
+and writes ``results.json`` in the run folder, one record that ``python -m
+visionpeft.vla.summary`` averages over seeds and data sets. Learned contexts also get
+``nearest_words.json``, the CoOp paper's interpretation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import visionpeft as vp
+from visionpeft.errors import ConfigError
+from visionpeft.files import atomic_write_text
+from visionpeft.task import Task
+
+logger = logging.getLogger("visionpeft")
+
+FORMATS = ("coop", "imagefolder")
+SETTINGS = ("fewshot", "base2novel", "all")
+OPTIONS: dict[str, tuple[type, ...]] = {
+    "dataset": (str,), "setting": (str,), "shots": (int,), "image_size": (int,), "skip_bad": (bool,),
+    "allow_fewer": (bool,),
+}
+PROMPT_METHODS = ("coop", "cocoop", "maple", "zeroshot")
+
+# Dassl's optimisation, shared by the three papers: SGD (momentum 0.9, weight decay 5e-4 on every
+# tensor), cosine stepped per epoch after one constant warmup epoch at 1e-5, the last incomplete
+# batch dropped.
+_DASSL = {
+    "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "decay_all": True, "scheduler": "cosine",
+    "warmup_epochs": 1, "warmup_type": "constant", "warmup_lr": 1e-5, "schedule_unit": "epoch",
+    "cosine_length": "total", "drop_last": True,
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    # CoOp (IJCV): lr 0.002, batch 32; epochs by shots (see coop_epochs).
+    "coop": {**_DASSL, "lr": 0.002, "batch_size": 32},
+    # CoCoOp: lr 0.002, batch 1 as in the paper, 10 epochs.
+    "cocoop": {**_DASSL, "lr": 0.002, "batch_size": 1, "epochs": 10},
+    # MaPLe: lr 0.0035, batch 4, 5 epochs.
+    "maple": {**_DASSL, "lr": 0.0035, "batch_size": 4, "epochs": 5},
+}
+
+
+def coop_epochs(shots: int, dataset: str | None) -> int:
+    """CoOp's epochs: 50 for 1 shot, 100 for 2 and 4, 200 for 8, 16 (and all data); ImageNet always 50."""
+    if dataset is not None and dataset.lower() == "imagenet":
+        return 50
+    if shots == 1:
+        return 50
+    if shots in (2, 4):
+        return 100
+    return 200
+
+
+class VlaTask(Task):
+    """Open-vocabulary classification with a prompted open_clip model."""
+
+    name = "vla"
+    recipes: ClassVar[dict[str, dict[str, Any]]] = RECIPES
+
+    @classmethod
+    def recipe(cls, name: str, tree: Any) -> dict[str, Any]:
+        preset = dict(cls.recipes[name])
+        if name == "coop":
+            data = tree.get("data") or {}
+            preset["epochs"] = coop_epochs(data.get("shots", 16), data.get("dataset"))
+        return preset
+
+    @classmethod
+    def check_config(cls, run: Any) -> None:
+        if not run.model.name:
+            raise ConfigError("model.name: missing; give an open_clip architecture, e.g. ViT-B-16")
+        fmt = run.data.format
+        if fmt not in FORMATS:
+            raise ConfigError(f"data.format: {fmt!r} is not supported; choose one of {list(FORMATS)}")
+        if run.data.root is None:
+            raise ConfigError("data.root: missing; give the folder holding the data sets ($DATA in CoOp's DATASETS.md)")
+        unknown = sorted(set(run.data.options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"data: unknown key(s) {unknown}; allowed: {sorted(OPTIONS)}")
+        for key, value in run.data.options.items():
+            kinds = OPTIONS[key]
+            if not isinstance(value, kinds) or isinstance(value, bool) != (kinds == (bool,)):
+                raise ConfigError(f"data.{key}: expected {kinds[0].__name__}, got {value!r}")
+        setting = run.data.options.get("setting", "fewshot")
+        if setting not in SETTINGS:
+            raise ConfigError(f"data.setting: {setting!r} is not allowed; choose one of {list(SETTINGS)}")
+        if fmt == "coop":
+            from visionpeft.vla.data import canonical_dataset
+
+            if "dataset" not in run.data.options:
+                raise ConfigError("data.dataset: missing; name one of CoOp's data sets, e.g. Caltech101")
+            try:
+                canonical_dataset(run.data.options["dataset"])
+            except ValueError as err:
+                raise ConfigError(f"data.dataset: {err}") from err
+        if "classnames" in run.method:
+            raise ConfigError("method.classnames: the class names come from the data set; remove the key")
+        if run.data.eval_split not in (None, "test", "val", "none"):
+            raise ConfigError(f"data.eval_split: {run.data.eval_split!r}; choose test, val or none")
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        self.data = run.data
+        self.options = dict(run.data.options)
+        self.setting = self.options.get("setting", "fewshot")
+        self.shots = self.options.get("shots", 16)
+        self._splits: Any = None
+        self._model: nn.Module | None = None
+        self._datasets: dict[str, Dataset] = {}
+
+    # -- data --
+
+    @property
+    def dataset_name(self) -> str | None:
+        """The CoOp name of the data set (``None`` for an image folder without ``dataset``)."""
+        from visionpeft.vla.data import canonical_dataset
+
+        name = self.options.get("dataset")
+        return canonical_dataset(name) if name is not None else None
+
+    def splits(self) -> dict[str, Any]:
+        """The protocol's splits: ``train`` (few-shot, base classes for base-to-novel), ``eval``, ``novel``."""
+        if self._splits is not None:
+            return self._splits
+        from visionpeft.vla import data, fewshot
+
+        root = Path(self.data.root)
+        if self.data.format == "coop":
+            full = data.load_dataset(self.dataset_name, root, check_files=not self.options.get("skip_bad", False))
+        else:
+            full = data.imagefolder_splits(root, dataset=self.dataset_name)
+        sampled = fewshot.fewshot_splits(full, self.shots, seed=self.run.train.seed,
+                                         allow_fewer=self.options.get("allow_fewer", False))
+        splits: dict[str, Any] = {}
+        if self.setting == "base2novel":
+            splits["train"] = fewshot.base_novel_splits(sampled, "base")
+            splits["novel"] = fewshot.base_novel_splits(sampled, "new")
+        else:
+            splits["train"] = sampled
+        self._splits = splits
+        return splits
+
+    def classnames(self) -> list[str]:
+        """The class names the model is trained on (the base classes for base-to-novel)."""
+        return list(self.splits()["train"].classnames)
+
+    def _transform(self, train: bool):
+        from visionpeft.vla.transforms import build_transform, model_preprocess
+
+        size, mean, std = model_preprocess(self._model.clip if hasattr(self._model, "clip") else self._model)
+        return build_transform(train, self.options.get("image_size", size), mean, std)
+
+    def _dataset(self, key: str, items: list, train: bool) -> Dataset:
+        from visionpeft.vla.data import ImageDataset
+
+        if key not in self._datasets:
+            if self._model is None:
+                raise ConfigError("build the model before the data: the transform uses the model's preprocessing")
+            self._datasets[key] = ImageDataset(items, self._transform(train), skip_bad=self.options.get("skip_bad",
+                                                                                                         False),
+                                               source=f"{self.data.root} ({key})")
+        return self._datasets[key]
+
+    def train_dataset(self) -> Dataset:
+        return self._dataset("train", self.splits()["train"].train, train=True)
+
+    def _eval_items(self, splits: Any) -> list:
+        return splits.val if self.data.eval_split == "val" else splits.test
+
+    def eval_dataset(self) -> Dataset | None:
+        if self.data.eval_split == "none":
+            return None
+        return self._dataset("eval", self._eval_items(self.splits()["train"]), train=False)
+
+    # -- model --
+
+    def build_model(self, adapter: str | os.PathLike | None = None) -> nn.Module:
+        from visionpeft.vla.models import load_clip
+
+        model_cfg = self.run.model
+        # Seeded, so a randomly initialised model and the random context init are the same for a
+        # given seed (at training and at evaluation), as in the original.
+        torch.manual_seed(self.run.train.seed)
+        clip = load_clip(model_cfg.name, pretrained=model_cfg.pretrained or None, checkpoint=model_cfg.checkpoint,
+                         **model_cfg.kwargs)
+        classnames = self.classnames()
+        if adapter is not None:
+            model = vp.load(clip, adapter)
+            if hasattr(model, "set_classnames"):
+                model.set_classnames(classnames)
+        else:
+            method = {k: v for k, v in self.run.method.items() if k != "name"}
+            name = self.run.method["name"]
+            if name in PROMPT_METHODS:
+                method["classnames"] = classnames
+                if name == "zeroshot" and method.get("template_set") in ("custom", "ensemble"):
+                    method.setdefault("dataset", self.dataset_name)
+            model = vp.attach(clip, name, **method)
+        if not hasattr(model, "set_classnames"):
+            raise ConfigError(
+                f"method.name: {self.run.method['name']!r} does not classify images by class names; the vla task "
+                f"trains {list(PROMPT_METHODS)}"
+            )
+        self._model = model
+        return model
+
+    # -- training and evaluation --
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    @staticmethod
+    def _accuracy(model: nn.Module, batches: Any) -> tuple[float, int]:
+        correct = total = 0
+        for images, labels in batches:
+            logits = model(images)
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += labels.numel()
+        return 100.0 * correct / max(total, 1), total
+
+    def evaluate(self, model: nn.Module, batches: Any) -> dict[str, float]:
+        accuracy, total = self._accuracy(model, batches)
+        metrics: dict[str, Any] = {"accuracy": accuracy, "samples": total}
+        if self.setting == "base2novel":
+            metrics["base"] = accuracy
+            metrics["novel"], metrics["novel_samples"] = self._novel_accuracy(model)
+            from visionpeft.vla.summary import harmonic_mean
+
+            metrics["hm"] = harmonic_mean(metrics["base"], metrics["novel"])
+        self._write_results(metrics)
+        return metrics
+
+    def _novel_accuracy(self, model: nn.Module) -> tuple[float, int]:
+        """Accuracy on the novel classes' test images, classifying among the novel class names only."""
+        from accelerate.utils import send_to_device
+
+        novel = self.splits()["novel"]
+        dataset = self._dataset("novel", self._eval_items(novel), train=False)
+        device = next(model.parameters()).device
+        loader = DataLoader(dataset, batch_size=self.run.train.batch_size, shuffle=False,
+                            num_workers=self.run.train.num_workers)
+        base_names = model.classnames
+        model.set_classnames(novel.classnames)
+        try:
+            return self._accuracy(model, (send_to_device(b, device) for b in loader))
+        finally:
+            model.set_classnames(base_names)
+
+    def _write_results(self, metrics: dict[str, Any]) -> None:
+        record = {
+            "method": self.run.method["name"], "dataset": self.dataset_name or str(self.data.root),
+            "seed": self.run.train.seed, "setting": self.setting, "shots": self.shots, "step": self.step,
+            "eval_split": self.data.eval_split or "test",
+        }
+        keys = ("base", "novel", "hm") if self.setting == "base2novel" else ("accuracy",)
+        record.update({k: metrics[k] for k in keys})
+        out = Path(self.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(record, indent=2) + "\n")
+
+    def export(self, model: nn.Module, output_dir: str | os.PathLike) -> None:
+        """Write ``nearest_words.json`` for a learned context, and log it."""
+        if getattr(getattr(model, "prompt_learner", None), "ctx", None) is None:
+            return
+        from visionpeft.vla.interpret import format_nearest_words, write_nearest_words
+
+        records = write_nearest_words(model, Path(output_dir) / "nearest_words.json")
+        logger.info("nearest words of the learned context:\n%s", format_nearest_words(records))
