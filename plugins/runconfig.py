@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: int | None = field(None, help="passes over the training set (used when max_steps is unset)", ge=1)
     max_steps: int | None = field(None, help="optimizer steps in all; overrides epochs", ge=1)
     batch_size: int = field(32, help="samples per micro-batch on each process", ge=1)
+    eval_batch_size: int | None = field(None, help="samples per evaluation batch (default: batch_size)", ge=1)
     recipe: str | None = field(None, help="a preset of the task's papers (e.g. vpt, noah); explicit keys win")
     lr: float = field(1e-3, help="peak learning rate (per 256 samples when scale_lr)", gt=0)
     scale_lr: bool = field(False, help="multiply lr by the total batch (all processes, accumulation) / 256")

@@ -542,7 +542,7 @@ class Trainer:
         device = param.device if param is not None else self.accelerator.device
         loader = DataLoader(
             data,
-            batch_size=self.train.batch_size,
+            batch_size=self.train.eval_batch_size or self.train.batch_size,
             shuffle=False,
             collate_fn=self.task.collate,
             num_workers=self.train.num_workers,

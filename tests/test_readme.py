@@ -12,8 +12,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_api_example_runs(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "the README has no python example"
-    code = blocks[0] + "\nassert isinstance(plain, Net) and vp.summary(fresh)['trainable'] > 0\n"
+    api = [b for b in blocks if "class Net(nn.Module)" in b]
+    assert api, "the README has no API example"
+    code = api[0] + "\nassert isinstance(plain, Net) and vp.summary(fresh)['trainable'] > 0\n"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "trainable" in result.stdout

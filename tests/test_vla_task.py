@@ -115,6 +115,27 @@ def test_train_then_eval_coop_base_to_novel(tmp_path, eurosat_root, tiny_arch):
     assert main(["eval", str(path), "--adapter", str(run / "adapter")]) == 0
     again = json.loads((run / "results.json").read_text())
     assert again["base"] == final["base"] and again["novel"] == final["novel"]
+    from visionpeft.vla.summary import read_results, summarize
+
+    group = summarize(read_results([run / "results.json"]))["groups"][0]
+    assert group["datasets"]["EuroSAT"]["hm"] == pytest.approx(again["hm"])
+
+
+def test_local_checkpoint_loads_strictly(tmp_path, eurosat_root, tiny_arch):
+    from safetensors.torch import save_file
+
+    from visionpeft.task import get_task
+
+    from tiny_models import tiny_clip
+
+    reference = tiny_clip(3)
+    checkpoint = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, checkpoint)
+    path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "coop"})
+    model = get_task("vla")(load_run_config(path, [f"model.checkpoint={checkpoint}"])).build_model()
+    assert all(torch.equal(model.clip.state_dict()[k], v) for k, v in reference.state_dict().items())
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        get_task("vla")(load_run_config(path, [f"model.checkpoint={tmp_path / 'missing.pt'}"])).build_model()
 
 
 def test_zero_shot_baseline_evaluates_without_an_adapter(tmp_path, eurosat_root, tiny_arch, capsys):
@@ -161,3 +182,20 @@ def test_bad_run_configs_name_the_key(tmp_path, eurosat_root, tiny_arch):
         from visionpeft.task import get_task
 
         get_task("vla")(load_run_config(path, ["data.shots=8"])).splits()
+
+
+EXAMPLES = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "examples").glob("vla_*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_run_on_the_tiny_model(example, tmp_path, eurosat_root, tiny_arch):
+    run = load_run_config(example)
+    assert run.task == "vla" and run.model.name.startswith("ViT-B-16") and run.model.pretrained == "openai"
+    overrides = [f"model.name={tiny_arch}", "model.pretrained=false", "model.kwargs={}", f"data.root={eurosat_root}",
+                 "data.dataset=EuroSAT", "data.shots=2", "train.epochs=1", "train.precision=fp32",
+                 f"output_dir={tmp_path / 'run'}"]
+    if run.method["name"] == "maple":
+        overrides.append("method.prompt_depth=2")
+    args = ["eval" if run.method["name"] == "zeroshot" else "train", str(example)]
+    assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0
+    assert (tmp_path / "run" / "results.json").is_file()

@@ -6,8 +6,8 @@ Data keys:
 
 * ``format``: ``coop`` (CoOp's folder layout and ``split_zhou_*.json`` files under ``root``, one
   of the 11 data sets named by ``dataset``) or ``imagefolder`` (``root/{train,val,test}/<class>/``).
-* ``setting``: ``fewshot`` (train and test on all classes), ``base2novel`` (train on the base
-  half of the classes, report base and novel accuracy and their harmonic mean) or ``all``.
+* ``setting``: ``fewshot`` (train and test on all classes) or ``base2novel`` (train on the base
+  half of the classes, report base and novel accuracy and their harmonic mean).
 * ``shots``: images per class for training (16; ``-1`` for all), sampled as Dassl does with the
   run's ``train.seed`` (the papers use seeds 1, 2, 3); validation gets ``min(shots, 4)``.
 * ``eval_split`` (``test`` or ``val``), ``image_size`` (default: the model's), ``skip_bad``,
@@ -40,7 +40,7 @@ from visionpeft.task import Task
 logger = logging.getLogger("visionpeft")
 
 FORMATS = ("coop", "imagefolder")
-SETTINGS = ("fewshot", "base2novel", "all")
+SETTINGS = ("fewshot", "base2novel")
 OPTIONS: dict[str, tuple[type, ...]] = {
     "dataset": (str,), "setting": (str,), "shots": (int,), "image_size": (int,), "skip_bad": (bool,),
     "allow_fewer": (bool,),
@@ -49,11 +49,11 @@ PROMPT_METHODS = ("coop", "cocoop", "maple", "zeroshot")
 
 # Dassl's optimisation, shared by the three papers: SGD (momentum 0.9, weight decay 5e-4 on every
 # tensor), cosine stepped per epoch after one constant warmup epoch at 1e-5, the last incomplete
-# batch dropped.
+# batch dropped, test batches of 100.
 _DASSL = {
     "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "decay_all": True, "scheduler": "cosine",
     "warmup_epochs": 1, "warmup_type": "constant", "warmup_lr": 1e-5, "schedule_unit": "epoch",
-    "cosine_length": "total", "drop_last": True,
+    "cosine_length": "total", "drop_last": True, "eval_batch_size": 100,
 }
 RECIPES: dict[str, dict[str, Any]] = {
     # CoOp (IJCV): lr 0.002, batch 32; epochs by shots (see coop_epochs).
@@ -263,8 +263,9 @@ class VlaTask(Task):
         novel = self.splits()["novel"]
         dataset = self._dataset("novel", self._eval_items(novel), train=False)
         device = next(model.parameters()).device
-        loader = DataLoader(dataset, batch_size=self.run.train.batch_size, shuffle=False,
-                            num_workers=self.run.train.num_workers)
+        train = self.run.train
+        loader = DataLoader(dataset, batch_size=train.eval_batch_size or train.batch_size, shuffle=False,
+                            num_workers=train.num_workers)
         base_names = model.classnames
         model.set_classnames(novel.classnames)
         try:
