@@ -187,32 +187,66 @@ def test_maple_depth_1_without_coupling_is_plain_text_prompting():
         assert torch.equal(coop(images), out)
 
 
+def _three_layer_clip():
+    cfg = {"embed_dim": 64, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 3}}
+    torch.manual_seed(0)
+    return open_clip.CLIP(**cfg).eval()
+
+
 def test_maple_replaces_deep_prompts_at_layers_1_to_depth_minus_1():
-    clip = tiny_clip(0).eval()
+    clip = _three_layer_clip()
     model = vp.attach(clip, "maple", classnames=NAMES, prompt_depth=2)
     learner = model.prompt_learner
     seen = {}
 
     def grab(name):
-        def hook(module, args, kwargs):
-            seen[name] = args[0].detach().clone()
+        def hook(module, args, kwargs, output=None):
+            seen[name] = (args[0] if output is None else output).detach().clone()
         return hook
 
-    handles = [clip.transformer.resblocks[1].register_forward_pre_hook(grab("text1"), with_kwargs=True),
-               clip.visual.transformer.resblocks[0].register_forward_pre_hook(grab("vis0"), with_kwargs=True),
-               clip.visual.transformer.resblocks[1].register_forward_pre_hook(grab("vis1"), with_kwargs=True)]
+    text, vis = clip.transformer.resblocks, clip.visual.transformer.resblocks
+    handles = [text[1].register_forward_pre_hook(grab("text_in1"), with_kwargs=True),
+               text[1].register_forward_hook(grab("text_out1"), with_kwargs=True),
+               text[2].register_forward_pre_hook(grab("text_in2"), with_kwargs=True),
+               vis[0].register_forward_pre_hook(grab("vis_in0"), with_kwargs=True),
+               vis[1].register_forward_pre_hook(grab("vis_in1"), with_kwargs=True),
+               vis[1].register_forward_hook(grab("vis_out1"), with_kwargs=True),
+               vis[2].register_forward_pre_hook(grab("vis_in2"), with_kwargs=True)]
     with torch.no_grad():
         model(_images(2))
     for h in handles:
         h.remove()
     _, deep_text, vision, deep_vision = learner()
-    assert seen["vis0"].shape[1] == 17 + 2  # class token, 16 patches, 2 prompts appended at the end
-    assert torch.equal(seen["text1"][:, 1:3], deep_text[0].unsqueeze(0).expand(len(NAMES), -1, -1))
-    assert torch.equal(seen["vis1"][:, -2:], deep_vision[0].unsqueeze(0).expand(2, -1, -1))
+    assert seen["vis_in0"].shape[1] == 17 + 2  # class token, 16 patches, 2 prompts appended at the end
+    assert torch.equal(seen["text_in1"][:, 1:3], deep_text[0].unsqueeze(0).expand(len(NAMES), -1, -1))
+    assert torch.equal(seen["vis_in1"][:, -2:], deep_vision[0].unsqueeze(0).expand(2, -1, -1))
+    # Past the prompt depth the tokens are carried, not replaced.
+    assert torch.equal(seen["text_in2"], seen["text_out1"]) and torch.equal(seen["vis_in2"], seen["vis_out1"])
     assert torch.equal(deep_vision[0], learner.compound_prompt_projections[0](learner.compound_prompts_text[0]))
     assert torch.equal(vision, learner.proj(learner.ctx))
-    # The deeper projections start as clones of one layer, as in the original.
     assert vp.summary(model)["trainable"] == 2 * 48 + (48 * 64 + 64) * 2 + 2 * 48
+
+
+def test_maple_deeper_projections_start_as_clones_of_one_layer():
+    model = vp.attach(_three_layer_clip(), "maple", classnames=NAMES, prompt_depth=3)
+    first, second = model.prompt_learner.compound_prompt_projections
+    assert torch.equal(first.weight, second.weight) and torch.equal(first.bias, second.bias)
+    assert first.weight.data_ptr() != second.weight.data_ptr()
+    assert not torch.equal(model.prompt_learner.proj.weight, first.weight)
+
+
+def test_maple_honours_gradient_checkpointing():
+    grads = []
+    for checkpointing in (False, True):
+        clip = tiny_clip(0).eval()
+        clip.set_grad_checkpointing(checkpointing)
+        model = vp.attach(clip, "maple", classnames=NAMES, prompt_depth=2)
+        model(_images(2)).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.prompt_learner.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
 
 
 def test_bad_inputs_give_clear_errors():
@@ -263,21 +297,44 @@ def test_nearest_words_of_an_initialised_context_are_its_words():
     assert "ctx  2: photo (0.000)" in format_nearest_words(records)
 
 
-def test_low_precision_weights_and_autocast_keep_the_context_trainable():
+@pytest.mark.parametrize(("method", "kwargs"), [("coop", {"class_token_position": "middle"}), ("cocoop", {}),
+                                                ("maple", {"prompt_depth": 2})])
+def test_low_precision_weights_keep_the_learned_tensors_fp32_and_trainable(method, kwargs):
     from open_clip.model import convert_weights_to_lp
 
     clip = tiny_clip(0).eval()
     convert_weights_to_lp(clip, torch.bfloat16)  # OpenAI-style: matmul weights in low precision
-    model = vp.attach(clip, "coop", classnames=NAMES, ctx_init="a photo of a")
-    model.prompt_learner.ctx.data = model.prompt_learner.ctx.data.float()
+    model = vp.attach(clip, method, classnames=NAMES, **kwargs)
     logits = model(_images(2))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     logits.logsumexp(-1).sum().backward()
-    assert model.prompt_learner.ctx.grad.dtype == torch.float32
+    for name, p in model.prompt_learner.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not any(p.requires_grad for p in model.clip.parameters())
+
+
+def test_autocast_bf16_stays_close_to_fp32():
     fp32 = vp.attach(tiny_clip(0).eval(), "coop", classnames=NAMES, ctx_init="a photo of a")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = fp32(_images(2))
     torch.testing.assert_close(mixed.float(), fp32(_images(2)), atol=0.5, rtol=0.05)
+
+
+def test_prompt_learning_refuses_tokenizers_without_clip_layout():
+    class NoStartToken:
+        """A tokenizer that does not begin prompts with its start token (as SigLIP's)."""
+
+        sot_token_id = 49406
+
+        def __call__(self, texts):
+            tokens = clip_tokenizer()(texts)
+            return torch.cat([tokens[:, 1:], torch.zeros(len(texts), 1, dtype=tokens.dtype)], dim=1)
+
+    from visionpeft.vla.prompts import build_class_prompts
+
+    clip = tiny_clip(0)
+    with pytest.raises(UnsupportedModelError, match="start token"):
+        build_class_prompts(text_tower(clip), NoStartToken(), "X X", NAMES, 2)
 
 
 def test_quick_gelu_mismatch_is_explained():

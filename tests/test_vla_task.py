@@ -97,9 +97,21 @@ def test_coop_recipe_follows_the_shots_and_dassl_schedule(tmp_path, eurosat_root
     assert not any(math.isclose(r, 0) for r in rates)
 
 
-def test_train_then_eval_coop_base_to_novel(tmp_path, eurosat_root, tiny_arch):
+def test_train_then_eval_coop_base_to_novel(tmp_path, eurosat_root, tiny_arch, monkeypatch):
+    from visionpeft.vla.prompts import PromptedCLIP
+
+    calls = []
+    original = PromptedCLIP.set_classnames
+
+    def spy(self, names):
+        calls.append(list(names))
+        original(self, names)
+
+    monkeypatch.setattr(PromptedCLIP, "set_classnames", spy)
     path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "coop", "n_ctx": 4}, setting="base2novel")
     assert main(["train", str(path)]) == 0
+    # The novel test images are classified among the novel names only, then the base names return.
+    assert calls == [NAMES[2:], NAMES[:2]]
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert {"base", "novel", "hm"} <= set(results) and results["setting"] == "base2novel"
@@ -173,6 +185,8 @@ def test_bad_run_configs_name_the_key(tmp_path, eurosat_root, tiny_arch):
         load_run_config(path, ["data.setting=zero"])
     with pytest.raises(ConfigError, match="method.classnames"):
         load_run_config(path, ["method.classnames=[a]"])
+    with pytest.raises(ConfigError, match="method.csc"):
+        load_run_config(path, ["method.csc=true", "data.setting=base2novel"])
     with pytest.raises(ConfigError, match="data: unknown key"):
         load_run_config(path, ["data.shot=3"])
     from visionpeft.errors import DataError

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionpeft.errors import ConfigError
+from visionpeft.errors import ConfigError, UnsupportedModelError
 from visionpeft.method import Method
 from visionpeft.vla.text import TextTower, count_tokens, get_tokenizer, text_tower
 
@@ -65,6 +65,13 @@ def build_class_prompts(
     texts = [f"{prefix_text} {name}." for name in names]
     device = tower.token_embedding.weight.device
     tokens = tokenizer(texts).to(device)
+    sot = getattr(tokenizer, "sot_token_id", None)
+    if sot is None or bool((tokens[:, 0] != sot).any()) or tower.pool_type not in ("argmax", "eos"):
+        raise UnsupportedModelError(
+            "prompt learning needs CLIP's prompt layout [start token, context, class, '.', end token] read at the "
+            f"end token; this model's tokenizer ({type(tokenizer).__name__}) or pooling ({tower.pool_type!r}) "
+            "does not give it (e.g. SigLIP's)"
+        )
     if tokens.shape[1] != tower.context_length:
         raise ConfigError(
             f"the tokenizer pads to {tokens.shape[1]} tokens but the text tower has {tower.context_length} positions; "

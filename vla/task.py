@@ -118,6 +118,9 @@ class VlaTask(Task):
                 canonical_dataset(run.data.options["dataset"])
             except ValueError as err:
                 raise ConfigError(f"data.dataset: {err}") from err
+        if run.method.get("csc") and setting == "base2novel":
+            raise ConfigError("method.csc: class-specific contexts cannot classify novel classes; use csc: false for "
+                              "data.setting: base2novel")
         if "classnames" in run.method:
             raise ConfigError("method.classnames: the class names come from the data set; remove the key")
         if run.data.eval_split not in (None, "test", "val", "none"):
@@ -154,7 +157,9 @@ class VlaTask(Task):
             full = data.load_dataset(self.dataset_name, root, check_files=not self.options.get("skip_bad", False))
         else:
             full = data.imagefolder_splits(root, dataset=self.dataset_name)
-        sampled = fewshot.fewshot_splits(full, self.shots, seed=self.run.train.seed,
+        # The zero-shot baseline trains on nothing, so it draws no few-shot set.
+        shots = -1 if self.run.method["name"] == "zeroshot" else self.shots
+        sampled = fewshot.fewshot_splits(full, shots, seed=self.run.train.seed,
                                          allow_fewer=self.options.get("allow_fewer", False))
         splits: dict[str, Any] = {}
         if self.setting == "base2novel":
@@ -220,6 +225,9 @@ class VlaTask(Task):
                 method["classnames"] = classnames
                 if name == "zeroshot" and method.get("template_set") in ("custom", "ensemble"):
                     method.setdefault("dataset", self.dataset_name)
+                # The model's own tokenizer (open_clip knows it by the model's name).
+                method.setdefault("tokenizer", None if self.run.model.name.startswith(("local-dir:", "hf-hub:")) else
+                                  self.run.model.name)
             model = vp.attach(clip, name, **method)
         if not hasattr(model, "set_classnames"):
             raise ConfigError(
@@ -274,6 +282,10 @@ class VlaTask(Task):
             model.set_classnames(base_names)
 
     def _write_results(self, metrics: dict[str, Any]) -> None:
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return
         record = {
             "method": self.run.method["name"], "dataset": self.dataset_name or str(self.data.root),
             "seed": self.run.train.seed, "setting": self.setting, "shots": self.shots, "step": self.step,

@@ -113,6 +113,18 @@ def _project(tower: TextTower, pooled: torch.Tensor) -> torch.Tensor:
     return pooled @ proj
 
 
+def run_block(
+    transformer: nn.Module, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """One residual block, recomputed in backward when the transformer has gradient checkpointing on."""
+    if getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        # open_clip's own call: (x, k_x, v_x, attn_mask) positionally.
+        return checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+    return block(x, attn_mask=attn_mask)
+
+
 def _run_blocks(
     tower: TextTower, x: torch.Tensor, deep_prompts: Sequence[torch.Tensor] | None, n_ctx: int
 ) -> torch.Tensor:
@@ -129,7 +141,7 @@ def _run_blocks(
             prompt = deep_prompts[i - 1].to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
             h = torch.cat([h[:, :1], prompt, h[:, 1 + n_ctx :]], dim=1)
             x = h if batch_first else h.transpose(0, 1)
-        x = block(x, attn_mask=tower.attn_mask)
+        x = run_block(transformer, block, x, tower.attn_mask)
     if not batch_first:
         x = x.transpose(0, 1)
     return x

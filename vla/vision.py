@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from visionpeft.errors import UnsupportedModelError
+from visionpeft.vla.text import run_block
 
 
 def vision_transformer(model: nn.Module) -> nn.Module:
@@ -73,7 +74,7 @@ def encode_image_with_prompts(
             if 1 <= i <= len(deep_prompts):
                 deep = deep_prompts[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :-n], deep], dim=1)
-            x = block(x if batch_first else x.transpose(0, 1))
+            x = run_block(transformer, block, x if batch_first else x.transpose(0, 1), None)
             x = x if batch_first else x.transpose(0, 1)
     pooled, _ = visual._pool(x)
     if visual.proj is not None:

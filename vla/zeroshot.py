@@ -93,7 +93,8 @@ class ZeroShotClassifier(PromptLearner):
             clip = self.__dict__["_clip"]
             device = clip.logit_scale.device
             texts = [t.format(prompt_classname(n)) for n in self.classnames for t in self.templates]
-            with torch.no_grad():
+            # Outside any autocast: the classifier is kept, so it is built at the model's precision.
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 # Every (class, template) prompt in batched calls, not one call per class.
                 features = torch.cat([clip.encode_text(self.tokenizer(texts[i : i + TEXT_BATCH]).to(device)).float()
                                       for i in range(0, len(texts), TEXT_BATCH)])
