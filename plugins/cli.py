@@ -4,8 +4,9 @@
 
     visionpeft methods [--domain vit]
     visionpeft train CONFIG.yaml [--set key.path=value ...] [--resume]
-    visionpeft eval CONFIG.yaml --adapter DIR [--set key.path=value ...]
+    visionpeft eval CONFIG.yaml [--adapter DIR] [--set key.path=value ...]
     visionpeft demo [options passed to the demo]
+    visionpeft export lora --adapter DIR --format kohya|diffusers [--output PATH]
 
 Errors in the user's input print one line saying what is wrong and exit with status 2 (1 when
 training cannot go on); set ``VISIONPEFT_DEBUG=1`` to see the traceback instead.
@@ -25,6 +26,9 @@ from visionpeft._version import __version__
 from visionpeft.errors import ConfigError, VisionPeftError
 
 DEMO_ENTRY_POINT_GROUP = "visionpeft.demos"
+#: converters of saved adapters into other tools' formats, declared by the domains: a function that
+#: takes the argument list after ``visionpeft export KIND`` and returns the exit status
+EXPORT_ENTRY_POINT_GROUP = "visionpeft.exports"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,10 +52,17 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
         else:
-            p.add_argument("--adapter", required=True, help="the adapter folder written by training")
+            p.add_argument(
+                "--adapter",
+                help="the adapter folder written by training; without it the method is evaluated as attached "
+                "(the zero-shot baseline, or an untrained initialisation)",
+            )
 
     # The demo parses its own options (visionpeft demo --help shows them).
     sub.add_parser("demo", help="the main job on an embedded data set (CPU, a few minutes)", add_help=False)
+    # Each exporter parses its own options (visionpeft export lora --help shows them).
+    p = sub.add_parser("export", help="convert a saved adapter into another tool's format", add_help=False)
+    p.add_argument("kind", nargs="?", help="what to export, e.g. lora")
     return parser
 
 
@@ -82,7 +93,7 @@ def _train(path: str, overrides: list[str], resume: bool) -> int:
     return 0
 
 
-def _eval(path: str, overrides: list[str], adapter: str) -> int:
+def _eval(path: str, overrides: list[str], adapter: str | None) -> int:
     from visionpeft.runconfig import load_run_config
     from visionpeft.task import get_task
     from visionpeft.train import Trainer
@@ -111,11 +122,28 @@ def _demo(args: Sequence[str]) -> int:
     return int(demo(list(args)) or 0)
 
 
+def _export(kind: str | None, args: Sequence[str]) -> int:
+    exporters = {ep.name: ep for ep in importlib.metadata.entry_points(group=EXPORT_ENTRY_POINT_GROUP)}
+    if kind is None or kind.startswith("-") or kind not in exporters:
+        known = ", ".join(sorted(exporters)) or "none installed"
+        what = "usage: visionpeft export KIND [options]" if kind is None or kind.startswith("-") else (
+            f"error: no exporter {kind!r}")
+        print(f"{what}; exporters: {known} (visionpeft export KIND --help shows its options)", file=sys.stderr)
+        return 0 if kind is None and any(a in ("-h", "--help") for a in args) else 2
+    try:
+        exporter = exporters[kind].load()
+    except ImportError as err:
+        raise ConfigError(
+            f"the {kind!r} exporter needs libraries that are not installed ({err}); pip install 'visionpeft[all]'"
+        ) from err
+    return int(exporter(list(args)) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "demo":
+    if extra and args.command not in ("demo", "export"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -125,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args.config, args.overrides, args.resume)
         if args.command == "eval":
             return _eval(args.config, args.overrides, args.adapter)
+        if args.command == "export":
+            return _export(args.kind, extra)
         return _demo(extra)
     except VisionPeftError as err:
         if os.environ.get("VISIONPEFT_DEBUG"):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -40,6 +40,12 @@ class Host:
         enable_gradient_checkpointing: turns activation checkpointing on, when the family has it.
         frozen_backbone_eval: whether a frozen backbone of this family stays in eval mode while
             the adapter trains (no backbone dropout or drop-path), as the original methods do.
+        target_presets: named groups of full-match patterns (e.g. ``"unet_ff"``) that a generic
+            method's ``targets`` may name as ``"@unet_ff"``, so users pick layer groups of a
+            family without writing its module paths.
+        untrained: qualified names of submodules that only ever run without gradients (Stable
+            Diffusion's VAE encodes latents under ``no_grad``); generic methods leave their
+            tensors alone, which would otherwise be trained tensors that never get a gradient.
     """
 
     family: str
@@ -48,6 +54,8 @@ class Host:
     head: str | None = None
     enable_gradient_checkpointing: Callable[[nn.Module], None] | None = None
     frozen_backbone_eval: bool = False
+    target_presets: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    untrained: Sequence[str] = ()
 
 
 def register_host(host: Host) -> Host:

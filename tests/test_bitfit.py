@@ -42,3 +42,30 @@ def test_training_the_delta_equals_training_the_bias():
     merged = vp.merge(adapted)
     for (n, a), b in zip(plain.named_parameters(), merged.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_submodules_the_host_never_trains_are_left_alone():
+    from visionpeft.hosts import Host, register_host, unregister_host
+
+    class Encoded(torch.nn.Module):
+        """A trainable trunk behind a frozen encoder, like Stable Diffusion's UNet behind its VAE."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(8, 8)
+            self.trunk = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = self.encoder(x)
+            return self.trunk(x)
+
+    register_host(Host("test.Encoded", lambda m: isinstance(m, Encoded), untrained=("encoder",)))
+    try:
+        adapted = vp.attach(Encoded(), "bitfit")
+        keys = set(get_state(adapted).adapters["default"].method.trained_tensors(adapted))
+        assert keys == {"trunk.bias.delta"}
+        adapted(torch.randn(2, 8)).sum().backward()
+        assert adapted.trunk.parametrizations.bias[0].deltas["default"].grad is not None
+    finally:
+        unregister_host("test.Encoded")

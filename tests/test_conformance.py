@@ -135,9 +135,6 @@ ATTACH_KWARGS: dict[str, dict[str, Any]] = {
     "cocoop": {"classnames": ["dog", "cat", "golden_retriever"], "text_chunk_size": 4},
     "maple": {"classnames": ["dog", "cat", "golden_retriever"], "prompt_depth": 2},
     "zeroshot": {"classnames": ["dog", "cat", "golden_retriever"]},
-    # Stable Diffusion's VAE only encodes latents under no_grad, so its biases can never train; the
-    # default pattern with vae.* excluded, the same selection on every other case.
-    "bitfit": {"bias_pattern": r"(?!vae\.)(.*\.)?[a-z_]*bias"},
 }
 
 METHODS = [m.name for m in vp.methods()]

@@ -53,7 +53,7 @@ class BitFit(Method):
     _head: str | None = None
     _targets: tuple[tuple[str, str], ...] = ()
 
-    def _select(self, model: nn.Module, head: str | None) -> list[tuple[str, str]]:
+    def _select(self, model: nn.Module, head: str | None, untrained: tuple[str, ...] = ()) -> list[tuple[str, str]]:
         state = get_state(model)
         owned = set()
         if state is not None:
@@ -64,6 +64,8 @@ class BitFit(Method):
             if isinstance(module, (TrainableCopy, AddDelta)):
                 continue
             if head is not None and (mname == head or mname.startswith(head + ".")):
+                continue
+            if any(mname == u or mname.startswith(u + ".") for u in untrained):
                 continue
             names = list(module._parameters)
             if parametrize.is_parametrized(module):
@@ -82,7 +84,7 @@ class BitFit(Method):
     def attach(self, model: nn.Module) -> nn.Module:
         host = find_host(model)
         head = host.head if self.config.train_head else None
-        self._targets = tuple(self._select(model, head))
+        self._targets = tuple(self._select(model, head, tuple(host.untrained)))
         self._head = head
         for mname, pname in self._targets:
             module = model.get_submodule(mname)

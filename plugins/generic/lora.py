@@ -4,6 +4,8 @@ The low-rank update ``W + (alpha / r) * B A`` is injected with peft's ``inject_a
 the same entry point diffusers uses, so saved tensors follow peft's key conventions
 (``<module>.lora_A.weight``). Targets are resolved by visionpeft's one matching rule (full-match
 patterns) before peft sees them, so ``patch_embed.proj`` is never caught by a ``proj`` target.
+A ``targets`` entry ``"@name"`` names one of the host's ``target_presets`` (e.g. ``"@unet_ff"`` on
+Stable Diffusion), a group of patterns that counts as one: it must match something as a whole.
 peft is imported only when a LoRA is attached.
 """
 
@@ -20,7 +22,7 @@ from torch import nn
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
 from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
-from visionpeft.hosts import find_host
+from visionpeft.hosts import Host, find_host
 from visionpeft.inject import find_modules, replace_module
 from visionpeft.method import Method
 
@@ -35,7 +37,8 @@ class LoRAConfig(MethodConfig):
     alpha: float = field(8.0, help="scale numerator: the update is multiplied by alpha / r", gt=0)
     dropout: float = field(0.0, help="dropout on the LoRA branch's input", ge=0, lt=1)
     targets: list[str] | None = field(
-        None, help="full-match patterns over module names; default: the host's LoRA targets"
+        None, help="full-match patterns over module names, or '@preset' names of the host's target_presets; "
+        "default: the host's LoRA targets"
     )
     init: Literal["kaiming", "gaussian"] = field(
         "kaiming", help="init of A (B is zero, so the model starts unchanged); 'gaussian' as diffusers"
@@ -52,6 +55,28 @@ def _strip_adapter(name: str, adapter_name: str) -> str | None:
     return None
 
 
+def expand_presets(patterns: list[str], host: Host) -> list[str]:
+    """``patterns`` with each ``"@name"`` replaced by the host's preset of that name, as one pattern.
+
+    A preset's patterns are joined into one alternation, so a preset must match some module as a
+    whole while one of its parts may match nothing in a given model (no ``conv_shortcut`` in
+    some UNets). Raises :class:`ConfigError` for a preset the host does not have.
+    """
+    out = []
+    for pattern in patterns:
+        if not pattern.startswith("@"):
+            out.append(pattern)
+            continue
+        preset = host.target_presets.get(pattern[1:])
+        if preset is None:
+            known = ", ".join(f"@{name}" for name in sorted(host.target_presets)) or "none"
+            raise ConfigError(
+                f"lora.targets: {pattern!r} is not a target preset of the host {host.family!r}; its presets: {known}"
+            )
+        out.append("|".join(f"(?:{p})" for p in preset))
+    return out
+
+
 class LoRA(Method):
     """Low-rank updates of the host's linear and convolution layers (peft implementation)."""
 
@@ -66,6 +91,7 @@ class LoRA(Method):
     def _targets(self, model: nn.Module) -> tuple[list[str], str | None]:
         host = find_host(model)
         patterns = self.config.targets if self.config.targets is not None else list(host.lora_targets)
+        patterns = expand_presets(patterns, host)
         if not patterns:
             raise ConfigError(f"lora.targets: the host {host.family!r} has no default LoRA targets; pass targets=")
         from peft.tuners.lora import LoraLayer
