@@ -112,8 +112,16 @@ def run(arch: str, batch: int, classes: int, rounds: int, device: str, chunk: in
     print(f"\n## {arch}, batch {batch}, {classes} classes, device {device}, {rounds} rounds")
 
     model = vp.attach(clip, "cocoop", classnames=names).to(device)
+    def batched(chunk: int | None) -> Callable[[], None]:
+        def step() -> None:
+            model.text_chunk_size = chunk
+            train_step(model, images, labels)
+        return step
+
+    whole = f"cocoop batched, one call of {batch * classes}"
     fns = {
-        "cocoop batched": lambda: train_step(model, images, labels),
+        "cocoop batched (default chunks)": batched(None),
+        whole: batched(batch * classes),
         "cocoop loop (original)": lambda: train_step(model, images, labels, model.forward_loop),
     }
     times = measure(fns, rounds, device)
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", action="append", help="tiny or an open_clip name (repeatable)")
-    parser.add_argument("--batch", type=int, help="images per step (default: 8 tiny / 2 ViT on CPU, 32 on CUDA)")
+    parser.add_argument("--batch", type=int, help="images per step (default: 8 tiny / 4 ViT on CPU, 32 on CUDA)")
     parser.add_argument("--classes", type=int, help="classes (default: 100 tiny, 10 ViT on CPU, 100 on CUDA)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=256, help="text_chunk_size of the memory-bounded run")
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     for arch in args.arch or ["tiny", "ViT-B-16"]:
         cuda = args.device == "cuda"
-        batch = args.batch or (32 if cuda else 8 if arch == "tiny" else 2)
+        batch = args.batch or (32 if cuda else 8 if arch == "tiny" else 4)
         classes = args.classes or (100 if cuda or arch == "tiny" else 10)
         chunk = min(args.chunk, batch * classes // 2) if not cuda else args.chunk
         run(arch, batch, classes, args.rounds, args.device, max(1, chunk))

@@ -93,7 +93,7 @@ def test_random_context_init_is_normal_002():
     assert abs(ctx.std().item() - 0.02) < 0.003 and abs(ctx.mean().item()) < 0.003
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 1024])
+@pytest.mark.parametrize("chunk", [1, 5, None, 1024])
 def test_cocoop_batched_equals_the_per_image_loop(chunk):
     model = vp.attach(tiny_clip(0), "cocoop", classnames=NAMES, text_chunk_size=chunk)
     with torch.no_grad():

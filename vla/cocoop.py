@@ -7,7 +7,9 @@ each image gets its own ``n_cls`` prompts. The context and the meta-net train.
 The original runs the text tower once per image in a Python loop (hence its batch size of 1).
 Here every image's prompts go through the text tower in batched calls over ``B x n_cls``
 sequences, in chunks of at most ``text_chunk_size`` sequences, which gives the loop's logits
-(to float rounding) without the loop. Chunking bounds the transient memory of each call (and the
+(to float rounding) without the loop. By default a chunk is 4096 sequences on CUDA, where large
+calls are what makes batching fast, and one image's prompts on CPU, where larger calls measured
+slower than the loop (``benchmarks/vla_speed.py``). Chunking bounds the transient memory of each call (and the
 whole footprint at evaluation); in training the activations of all ``B x n_cls`` sequences are
 kept for the backward pass either way, as in the loop, unless ``checkpoint_chunks`` recomputes
 them chunk by chunk.
@@ -27,6 +29,11 @@ from visionpeft.config import MethodConfig, field
 from visionpeft.vla.prompts import PromptedCLIP, PromptLearner, PromptMethod, context_length_of, init_context
 from visionpeft.vla.text import encode_embeddings
 
+# Sequences per text-tower call by default. On CUDA large calls are what makes batching fast; on
+# CPU calls much larger than one image's prompts run slower than the loop (their activations fall
+# out of cache), so the default there keeps the loop's granularity.
+CUDA_CHUNK = 4096
+
 
 @dataclasses.dataclass
 class CoCoOpConfig(MethodConfig):
@@ -37,8 +44,9 @@ class CoCoOpConfig(MethodConfig):
     n_ctx: int = field(4, help="number of learned context vectors (ignored with ctx_init: its token count)", ge=1)
     ctx_init: str | None = field("a photo of a", help="initialise the context from these words (null: random)")
     init_std: float = field(0.02, help="std of the random context init", gt=0)
-    text_chunk_size: int = field(
-        1024, help="at most this many prompt sequences per text-tower call (bounds the memory of each call)", ge=1
+    text_chunk_size: int | None = field(
+        None, help="at most this many prompt sequences per text-tower call (bounds the memory of each call); "
+        f"default: {CUDA_CHUNK} on CUDA, one image's prompts on CPU", ge=1
     )
     checkpoint_chunks: bool = field(
         False, help="recompute each chunk's activations in backward instead of keeping them (less memory)"
@@ -82,7 +90,8 @@ class CoCoOpPromptLearner(PromptLearner):
 class CoCoOpCLIP(PromptedCLIP):
     """CLIP with CoCoOp prompts: per-image class prompts through batched text-tower calls."""
 
-    def __init__(self, clip: nn.Module, prompt_learner: PromptLearner, chunk: int, checkpoint_chunks: bool) -> None:
+    def __init__(self, clip: nn.Module, prompt_learner: PromptLearner, chunk: int | None,
+                 checkpoint_chunks: bool) -> None:
         super().__init__(clip, prompt_learner)
         self.text_chunk_size = chunk
         self.checkpoint_chunks = checkpoint_chunks
@@ -97,10 +106,11 @@ class CoCoOpCLIP(PromptedCLIP):
         batch, classes = prompts.shape[:2]
         flat = prompts.reshape(batch * classes, *prompts.shape[2:])
         tokens = learner.tokenized_prompts.repeat(batch, 1)
+        size = self.text_chunk_size or (CUDA_CHUNK if flat.is_cuda else classes)
         chunks = []
-        for start in range(0, flat.shape[0], self.text_chunk_size):
-            part = flat[start : start + self.text_chunk_size]
-            part_tokens = tokens[start : start + self.text_chunk_size]
+        for start in range(0, flat.shape[0], size):
+            part = flat[start : start + size]
+            part_tokens = tokens[start : start + size]
             if self.checkpoint_chunks and torch.is_grad_enabled():
                 chunks.append(checkpoint(self._encode, part, part_tokens, use_reentrant=False))
             else:
