@@ -41,14 +41,22 @@ def build(arch: str, device: str) -> torch.nn.Module:
 
 
 class SavedBytes:
-    """Bytes of the tensors autograd keeps for backward while the context is active."""
+    """Bytes of the tensors autograd keeps for backward while the context is active.
 
-    def __init__(self) -> None:
+    Each storage counts once (a weight saved by every call that reads it is one tensor in memory),
+    and parameters do not count: they are in memory anyway.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
         self.total = 0
+        self._seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def __enter__(self) -> SavedBytes:
         def pack(t: torch.Tensor) -> torch.Tensor:
-            self.total += t.numel() * t.element_size()
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self._seen:
+                self._seen.add(storage.data_ptr())
+                self.total += storage.nbytes()
             return t
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -86,12 +94,12 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.zero_grad(set_to_none=True)
 
 
-def memory(step: Callable[[], None], device: str) -> tuple[int, int | None]:
+def memory(step: Callable[[], None], model: torch.nn.Module, device: str) -> tuple[int, int | None]:
     """Bytes kept for backward during ``step``, and the CUDA peak allocated (None on CPU)."""
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    with SavedBytes() as saved:
+    with SavedBytes(model) as saved:
         step()
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return saved.total, peak
@@ -125,11 +133,11 @@ def run(arch: str, batch: int, classes: int, rounds: int, device: str, chunk: in
         "cocoop loop (original)": lambda: train_step(model, images, labels, model.forward_loop),
     }
     times = measure(fns, rounds, device)
-    mem = {k: memory(fn, device) for k, fn in fns.items()}
+    mem = {k: memory(fn, model, device) for k, fn in fns.items()}
     model.text_chunk_size, model.checkpoint_chunks = chunk, True
     chunked = f"cocoop batched, chunks of {chunk} + checkpointing"
     times[chunked] = measure({chunked: lambda: train_step(model, images, labels)}, rounds, device)[chunked]
-    mem[chunked] = memory(lambda: train_step(model, images, labels), device)
+    mem[chunked] = memory(lambda: train_step(model, images, labels), model, device)
     vp.detach(model)
     loop = times["cocoop loop (original)"]
     print("| CoCoOp step | median s | loop / this | kept for backward MiB | CUDA peak MiB |")

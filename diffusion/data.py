@@ -225,8 +225,9 @@ class SDImageDataset(Dataset):
             raise DataError("no readable class images are left for prior preservation")
         if self.skipped:
             logger.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0])
-        self._latents: list[torch.Tensor] | None = None
-        self._class_latents: list[torch.Tensor] | None = None
+        # Cached items: ``latent_dist`` with the ``original_size`` / ``crop_top_left`` of the encoded crop.
+        self._latents: list[dict[str, torch.Tensor]] | None = None
+        self._class_latents: list[dict[str, torch.Tensor]] | None = None
 
     def _with_condition(self, record: ImageRecord, condition_root: Path, image_root: Path | None,
                         skip_bad: bool) -> ImageRecord | None:
@@ -296,32 +297,29 @@ class SDImageDataset(Dataset):
             "original_size": torch.tensor([image.size[1], image.size[0]]),
             "crop_top_left": torch.tensor(list(top_left)),
         }
-        condition = None
+        rgb = self._apply(image.convert("RGB"), resized, top_left, flip, Image.Resampling.BILINEAR)
+        item["pixel_values"] = pil_to_tensor(rgb) * 2.0 - 1.0
         if record.condition is not None:
             condition = condition_to_mode(open_image(record.condition), self.condition_channels, record.condition)
             if condition.size != image.size:
                 # Resized to the image first, so the crop box means the same pixels in both.
                 condition = condition.resize(image.size, resample=Image.Resampling.BILINEAR)
+            item["condition"] = pil_to_tensor(self._apply(condition, resized, top_left, flip,
+                                                          Image.Resampling.BILINEAR))
         elif self.condition_kind is not None:
             from visionpeft.diffusion.conditions import extract
 
-            # Extracted at full resolution before the geometry, so crop and flip match the image's.
-            condition = condition_to_mode(extract(image.convert("RGB"), self.condition_kind), self.condition_channels,
+            # Extracted from the training-size image: an edge map shrunk afterwards would be faint and blurred.
+            condition = condition_to_mode(extract(rgb, self.condition_kind), self.condition_channels,
                                           f"{record.path} ({self.condition_kind})")
-        rgb = self._apply(image.convert("RGB"), resized, top_left, flip, Image.Resampling.BILINEAR)
-        item["pixel_values"] = pil_to_tensor(rgb) * 2.0 - 1.0
-        if condition is not None:
-            item["condition"] = pil_to_tensor(self._apply(condition, resized, top_left, flip,
-                                                          Image.Resampling.BILINEAR))
+            item["condition"] = pil_to_tensor(condition)
         return item
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = _item_rng(self.seed, self.epoch, index)
         record = self.records[index % len(self.records)]
         if self._latents is not None:
-            item = {"latent_dist": self._latents[index % len(self.records)],
-                    "original_size": torch.tensor([self.resolution, self.resolution]),
-                    "crop_top_left": torch.tensor([0, 0])}
+            item = dict(self._latents[index % len(self.records)])
             if record.condition is not None or self.condition_kind is not None:
                 item["condition"] = self._load(record, rng)["condition"]
         else:
@@ -334,7 +332,10 @@ class SDImageDataset(Dataset):
             class_index = index % len(self.class_records)
             class_record = self.class_records[class_index]
             if self._class_latents is not None:
-                item["class_latent_dist"] = self._class_latents[class_index]
+                cached = self._class_latents[class_index]
+                item["class_latent_dist"] = cached["latent_dist"]
+                item["class_original_size"] = cached["original_size"]
+                item["class_crop_top_left"] = cached["crop_top_left"]
             else:
                 class_item = self._load(class_record, _item_rng(self.seed, self.epoch, index, salt=1))
                 item["class_pixel_values"] = class_item["pixel_values"]
@@ -360,13 +361,14 @@ class SDImageDataset(Dataset):
             self._class_latents = self._encode_all(self.class_records, encode, batch_size)
 
     def _encode_all(self, records: list[ImageRecord], encode: Callable[[torch.Tensor], torch.Tensor],
-                    batch_size: int) -> list[torch.Tensor]:
+                    batch_size: int) -> list[dict[str, torch.Tensor]]:
         rng = random.Random(0)
-        out: list[torch.Tensor] = []
+        out: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(records), batch_size):
-            pixels = torch.stack([self._load(ImageRecord(r.path, r.caption), rng)["pixel_values"]
-                                  for r in records[start : start + batch_size]])
-            out.extend(encode(pixels).detach().to("cpu", torch.float32).unbind(0))
+            loaded = [self._load(ImageRecord(r.path, r.caption), rng) for r in records[start : start + batch_size]]
+            latents = encode(torch.stack([i["pixel_values"] for i in loaded])).detach().to("cpu", torch.float32)
+            out.extend({"latent_dist": latent, "original_size": i["original_size"], "crop_top_left": i["crop_top_left"]}
+                       for latent, i in zip(latents.unbind(0), loaded, strict=True))
         return out
 
 
@@ -411,12 +413,8 @@ def collate(items: list[dict[str, Any]], tokenize: Callable[[list[str]], dict[st
     if "class_prompt" in items[0]:
         prompts += [i["class_prompt"] for i in items]
         images += [i["class_latent_dist" if latent_key == "latent_dist" else "class_pixel_values"] for i in items]
-        if latent_key == "latent_dist":
-            sizes += sizes
-            crops += [torch.tensor([0, 0])] * len(items)
-        else:
-            sizes += [i["class_original_size"] for i in items]
-            crops += [i["class_crop_top_left"] for i in items]
+        sizes += [i["class_original_size"] for i in items]
+        crops += [i["class_crop_top_left"] for i in items]
         is_class += [True] * len(items)
     batch: dict[str, Any] = {latent_key: torch.stack(images), **tokenize(prompts),
                              "original_size": torch.stack(sizes), "crop_top_left": torch.stack(crops),

@@ -33,6 +33,13 @@ COMPOUND_NAMES = frozenset({
     "token_embedding", "position_embedding",
 })
 _MAX_COMPOUND = max(name.count("_") + 1 for name in COMPOUND_NAMES)
+#: module names without underscores in the same modules; with :data:`COMPOUND_NAMES`, every name a path may hold
+SIMPLE_NAMES = frozenset({
+    "act", "attentions", "attn1", "attn2", "conv", "conv1", "conv2", "downsamplers", "embeddings", "encoder",
+    "fc1", "fc2", "ff", "layers", "mlp", "net", "norm", "norm1", "norm2", "norm3", "proj", "resnets", "upsamplers",
+})
+#: the first names of the original (SGM) SDXL UNet, which sd-scripts' SDXL files use instead of diffusers'
+SGM_UNET_NAMES = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
 
 
 def kohya_prefixes(is_sdxl: bool) -> dict[str, str]:
@@ -61,12 +68,28 @@ def kohya_to_module(name: str) -> str:
     """``lora_unet_down_blocks_0_..._to_out_0`` → ``unet.down_blocks.0....to_out.0`` (the inverse).
 
     The text encoders' ``text_model.`` is dropped (module paths of transformers 5). Raises
-    :class:`AdapterError` for a name without a kohya prefix.
+    :class:`AdapterError` for a name without a kohya prefix, for the SGM UNet names of
+    sd-scripts' SDXL files (``input_blocks``, ``middle_block``, ``output_blocks``) and for a name
+    part that is no diffusers / transformers module name (rather than return a path to nothing).
     """
     for prefix, component in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
                               ("lora_te_", "text_encoder")):
         if name.startswith(prefix):
-            path = _unflatten(name[len(prefix):])
+            flat = name[len(prefix):]
+            if component == "unet" and flat.startswith(SGM_UNET_NAMES):
+                raise AdapterError(
+                    f"kohya LoRA module {name!r} uses the original SDXL (SGM) UNet names (input_blocks, middle_block, "
+                    "output_blocks) of sd-scripts' SDXL files, which this converter does not map to diffusers "
+                    "modules; load such a file with diffusers' pipe.load_lora_weights(path) directly"
+                )
+            path = _unflatten(flat)
+            unknown = [s for s in path.split(".") if not s.isdigit() and s not in COMPOUND_NAMES | SIMPLE_NAMES]
+            if unknown:
+                raise AdapterError(
+                    f"kohya LoRA module {name!r}: {unknown[0]!r} is not a diffusers UNet or CLIP text-encoder module "
+                    "name, so the module it targets cannot be resolved; this converter reads kohya files named "
+                    "after diffusers' modules; load other files with diffusers' pipe.load_lora_weights(path)"
+                )
             if component.startswith("text_encoder"):
                 path = path.removeprefix("text_model.")
             return f"{component}.{path}"

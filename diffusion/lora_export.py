@@ -247,6 +247,11 @@ def from_diffusers_state_dict(
     down: dict[str, torch.Tensor] = {}
     up: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise AdapterError(
+                f"{key!r} is a DoRA magnitude vector: DoRA LoRA files are not supported here (only plain LoRA "
+                "down/up weights convert); load a DoRA file with diffusers' pipe.load_lora_weights(path) directly"
+            )
         for suffix, which in _DIFFUSERS_SUFFIXES.items():
             if key.endswith(suffix):
                 module = _canonical(key[: -len(suffix)])

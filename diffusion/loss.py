@@ -35,7 +35,8 @@ def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, pre
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     if prediction_type == "epsilon":
-        return clipped / snr
+        # min(snr, gamma) / snr without the 0 / 0 of a zero-terminal-SNR step (its limit, 1).
+        return torch.where(snr < gamma, torch.ones_like(snr), gamma / snr)
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     raise ConfigError(f"min-SNR weighting is defined for {PREDICTION_TYPES}, not {prediction_type!r}")

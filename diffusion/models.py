@@ -224,9 +224,8 @@ class StableDiffusionModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents of images in [-1, 1]: a sample of the VAE posterior, times the VAE's scaling factor."""
-        vae = self.vae
-        posterior = vae.encode(pixel_values.to(self._device_of(vae), vae.dtype)).latent_dist
-        return posterior.sample(generator=generator) * vae.config.scaling_factor
+        posterior = vae_posterior(self.vae, pixel_values)
+        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
 
     # -- pipelines --
 
@@ -264,6 +263,25 @@ class StableDiffusionModel(nn.Module):
     def _device_of(module: nn.Module) -> torch.device:
         param = next(module.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
+
+
+def vae_posterior(vae: nn.Module, pixel_values: torch.Tensor) -> Any:
+    """The VAE posterior (``latent_dist``) of images in [-1, 1], encoded without gradients.
+
+    A float16 VAE whose config sets ``force_upcast`` (SDXL's overflows in float16) encodes in
+    float32, as diffusers' pipelines do, and is cast back afterwards; the posterior is then float32.
+    """
+    device = StableDiffusionModel._device_of(vae)
+    dtype = vae.dtype
+    with torch.no_grad():
+        if dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+            return vae.encode(pixel_values.to(device, dtype)).latent_dist
+        # .float() / .half(), not .to(dtype): diffusers' ModelMixin.to warns on every dtype cast.
+        vae.float()
+        try:
+            return vae.encode(pixel_values.to(device, torch.float32)).latent_dist
+        finally:
+            vae.half()
 
 
 def _tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:

@@ -197,6 +197,7 @@ class DiffusionTask(Task):
     # -- model --
 
     def build_model(self, adapter: str | os.PathLike | None = None) -> nn.Module:
+        from visionpeft.diffusion.loss import PREDICTION_TYPES
         from visionpeft.diffusion.models import load_sd_model
 
         model_cfg = self.run.model
@@ -209,6 +210,13 @@ class DiffusionTask(Task):
         if adapter is not None:
             model = vp.load(model, adapter)
         else:
+            # Checked here, not at the first loss, so a run for an untrainable scheduler stops before it starts.
+            if model.prediction_type not in PREDICTION_TYPES:
+                raise ConfigError(
+                    f"model: the checkpoint's noise scheduler has prediction_type {model.prediction_type!r}; "
+                    f"training supports {list(PREDICTION_TYPES)}; use a checkpoint whose scheduler predicts one of "
+                    "them (its scheduler/scheduler_config.json)"
+                )
             method = {k: v for k, v in self.run.method.items() if k != "name"}
             model = vp.attach(model, self.run.method["name"], **method)
         self._model = model
@@ -244,14 +252,9 @@ class DiffusionTask(Task):
             skip_bad=opts.get("skip_bad", False), seed=self.run.train.seed,
         )
         if opts.get("cache_latents"):
-            vae = sd.vae
-            device = next(vae.parameters()).device
+            from visionpeft.diffusion.models import vae_posterior
 
-            def encode(pixels: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    return vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
-
-            dataset.set_latent_cache(encode)
+            dataset.set_latent_cache(lambda pixels: vae_posterior(sd.vae, pixels).parameters)
         self._train = dataset
         return dataset
 

@@ -18,7 +18,7 @@ from visionpeft.cli import main as cli_main
 from visionpeft.diffusion import kohya, lora_export
 from visionpeft.diffusion.loss import diffusion_loss
 from visionpeft.diffusion.models import StableDiffusionModel
-from visionpeft.errors import ConfigError
+from visionpeft.errors import AdapterError, ConfigError
 from visionpeft.method import get_state
 
 from tiny_models import tiny_sd_pipeline
@@ -193,6 +193,37 @@ def test_module_names_survive_the_kohya_flattening(base):
         if module.startswith(("unet.", "text_encoder.")):
             assert kohya.kohya_to_module(kohya.module_to_kohya(module, False)) == module
             assert kohya.kohya_to_module(kohya.module_to_kohya(module, True)) == module
+
+
+@pytest.mark.parametrize("name", [
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+    "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
+    "lora_unet_output_blocks_2_0_in_layers_2",
+])
+def test_sgm_named_sdxl_kohya_files_are_refused_with_their_key(tmp_path, name):
+    path = tmp_path / "sgm.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2),
+               f"{name}.alpha": torch.tensor(2.0)}, str(path))
+    with pytest.raises(AdapterError, match=rf"{name}.*SGM.*pipe\.load_lora_weights"):
+        lora_export.read_lora_file(path)
+
+
+def test_a_kohya_name_part_that_is_no_module_name_is_refused():
+    # "attentionz" is no module name: the converter would otherwise emit a path no model has.
+    name = "lora_unet_down_blocks_0_attentionz_0_proj_in"
+    with pytest.raises(AdapterError, match=rf"{name}.*'attentionz' is not a diffusers UNet or CLIP"):
+        kohya.kohya_to_module(name)
+    assert kohya.kohya_to_module("lora_unet_down_blocks_0_attentions_0_proj_in") == (
+        "unet.down_blocks.0.attentions.0.proj_in")
+
+
+def test_a_dora_diffusers_file_is_refused_as_dora(tmp_path):
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    path = tmp_path / "dora.safetensors"
+    save_file({f"{module}.lora_A.weight": torch.zeros(2, 8), f"{module}.lora_B.weight": torch.zeros(8, 2),
+               f"{module}.lora_magnitude_vector": torch.ones(8)}, str(path))
+    with pytest.raises(AdapterError, match=r"lora_magnitude_vector.*DoRA LoRA files are not supported"):
+        lora_export.read_lora_file(path)
 
 
 def test_per_module_alphas_of_a_kohya_file_survive_conversion(base, tmp_path):

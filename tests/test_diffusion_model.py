@@ -215,3 +215,34 @@ def test_fp16_mixed_precision_lora_step_on_gpu(saved_pipeline):
         optimizer.zero_grad()
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, p) for a, p in zip(before, trained, strict=True))
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_a_float16_vae_with_force_upcast_encodes_in_float32(force_upcast):
+    from diffusers import AutoencoderKL
+
+    from visionpeft.diffusion.models import vae_posterior
+
+    fp32 = tiny_sd_components()["vae"].half().float()  # weights float16 holds exactly, so both VAEs agree
+    fp16 = AutoencoderKL.from_config(fp32.config, force_upcast=force_upcast).half()
+    fp16.load_state_dict(fp32.state_dict())
+    seen = []
+    fp16.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = StableDiffusionModel.from_pipeline(tiny_sd_pipeline())
+    model.vae = fp16
+    with torch.no_grad():
+        expected = fp32.encode(pixels).latent_dist.parameters
+        posterior = vae_posterior(fp16, pixels)
+        latents = model.encode_images(pixels, generator=torch.Generator().manual_seed(0))
+    assert fp16.dtype == torch.float16  # cast back after the encode
+    if force_upcast:
+        assert seen == [torch.float32, torch.float32]
+        assert posterior.parameters.dtype == torch.float32
+        torch.testing.assert_close(posterior.parameters, expected, rtol=1e-5, atol=1e-5)
+        sample = torch.randn(expected[:, :4].shape, generator=torch.Generator().manual_seed(0))
+        mean, logvar = expected.chunk(2, dim=1)
+        torch.testing.assert_close(latents, (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * sample)
+                                   * fp16.config.scaling_factor, rtol=1e-5, atol=1e-5)
+    else:
+        assert seen == [torch.float16, torch.float16] and posterior.parameters.dtype == torch.float16

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from visionpeft.diffusion import data as sd_data
+from visionpeft.diffusion.conditions import extract
 from visionpeft.diffusion.loss import combine, diffusion_loss, snr_weights, target_for
 from visionpeft.diffusion.models import StableDiffusionModel
 from visionpeft.diffusion.sampling import save_samples
@@ -60,6 +61,19 @@ def test_targets_and_min_snr_weights_match_the_formulas(sd_model):
     assert eps[0] < 1 and eps[2] == pytest.approx(1.0)  # t=0 has a huge SNR: clipped; t=999 a tiny one: kept
     with pytest.raises(ConfigError, match="prediction_type 'sample'"):
         target_for(scheduler, latents, noise, t, "sample")
+
+
+def test_min_snr_weights_of_a_zero_terminal_snr_step_are_finite():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 500, 999])
+    assert scheduler.alphas_cumprod[999] == 0  # the last step is pure noise: SNR 0
+    eps = snr_weights(scheduler, t, 5.0, "epsilon")
+    v = snr_weights(scheduler, t, 5.0, "v_prediction")
+    assert torch.isfinite(eps).all() and torch.isfinite(v).all()
+    assert eps[2] == 1.0 and eps[1] == 1.0 and eps[0] < 1  # min(snr, gamma) / snr, and its limit 1 at snr 0
+    assert v[2] == 0.0
 
 
 def test_prior_preservation_adds_the_weighted_class_half():
@@ -185,6 +199,43 @@ def test_extracted_conditions_are_single_channel_edges(tmp_path):
     assert condition.shape == (1, 32, 32) and set(condition.unique().tolist()) <= {0.0, 1.0}
 
 
+def test_extracted_conditions_of_a_large_image_keep_full_strength_edges(tmp_path):
+    array = np.zeros((256, 256, 3), dtype=np.uint8)
+    array[64:192, 64:192] = 255
+    Image.fromarray(array).save(tmp_path / "0.png")
+    records = sd_data.read_records(tmp_path, instance_prompt="x")
+    canny = sd_data.SDImageDataset(records, resolution=32, condition_kind="canny", condition_channels=1)[0]
+    # Edges are extracted at the training size, not shrunk from a 256-pixel edge map.
+    assert canny["condition"].shape == (1, 32, 32) and canny["condition"].max().item() == 1.0
+    item = sd_data.SDImageDataset(records, resolution=32, condition_kind="sketch", condition_channels=1)[0]
+    rgb = ((item["pixel_values"] + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    expected = sd_data.pil_to_tensor(extract(Image.fromarray(rgb), "sketch"))
+    assert torch.equal(item["condition"], expected)
+
+
+def test_a_paired_condition_of_another_size_is_resized_to_the_image_before_the_crop(tmp_path):
+    # A 96x64 image of 4x4 blocks and its condition: the same blocks at half size (48x32).
+    blocks = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "cond").mkdir()
+    Image.fromarray(blocks.repeat(4, 0).repeat(4, 1)).save(tmp_path / "img" / "0.png")
+    Image.fromarray(blocks.repeat(2, 0).repeat(2, 1)).save(tmp_path / "cond" / "0.png")
+    records = sd_data.read_records(tmp_path / "img", instance_prompt="x")
+    dataset = sd_data.SDImageDataset(records, resolution=32, crop="random", flip=True, condition_root=tmp_path / "cond",
+                                     image_root=tmp_path / "img", condition_channels=3, seed=5)
+    seen = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        item = dataset[0]
+        seen.add(tuple(item["crop_top_left"].tolist()))
+        condition, pixels = item["condition"] * 2 - 1, item["pixel_values"]
+        assert condition.shape == pixels.shape == (3, 32, 32)
+        # Same crop and flip: only the blurred block borders differ; a mirrored condition would not match.
+        assert (condition - pixels).abs().mean() < 0.1
+        assert (condition.flip(-1) - pixels).abs().mean() > 0.3
+    assert len(seen) > 1
+
+
 def test_random_augmentation_and_caption_dropout_depend_on_seed_epoch_and_index(tmp_path):
     for i in range(8):
         _image(tmp_path / f"{i}.png", size=(64, 40), seed=i)
@@ -225,6 +276,27 @@ def test_cached_latents_are_the_vae_posterior_of_the_center_crop(tmp_path, sd_mo
     assert "pixel_values" not in item and torch.allclose(item["latent_dist"], expected, atol=1e-6)
     with pytest.raises(DataError, match="crop: center"):
         sd_data.SDImageDataset(records, resolution=32, flip=True).set_latent_cache(lambda px: px)
+
+
+def test_cached_and_uncached_items_give_the_same_micro_conditioning(tmp_path, sd_model):
+    _image(tmp_path / "inst" / "0.png", size=(48, 32))
+    _image(tmp_path / "cls" / "0.png", size=(32, 56), seed=1)
+    records = sd_data.read_records(tmp_path / "inst", instance_prompt="x")
+    class_records = sd_data.read_records(tmp_path / "cls", instance_prompt="y")
+    uncached = sd_data.SDImageDataset(records, resolution=32, class_records=class_records)
+    cached = sd_data.SDImageDataset(records, resolution=32, class_records=class_records)
+    with torch.no_grad():
+        cached.set_latent_cache(lambda px: sd_model.vae.encode(px).latent_dist.parameters)
+    plain, fast = uncached[0], cached[0]
+    assert "latent_dist" in fast and "pixel_values" in plain
+    assert plain["original_size"].tolist() == [32, 48] and plain["crop_top_left"].tolist() == [0, 8]
+    assert plain["class_original_size"].tolist() == [56, 32] and plain["class_crop_top_left"].tolist() == [12, 0]
+    for key in ("original_size", "crop_top_left", "class_original_size", "class_crop_top_left"):
+        assert torch.equal(fast[key], plain[key]), key
+    plain_batch = sd_data.collate([plain], sd_model.tokenize)
+    fast_batch = sd_data.collate([fast], sd_model.tokenize)
+    assert torch.equal(fast_batch["original_size"], plain_batch["original_size"])
+    assert torch.equal(fast_batch["crop_top_left"], plain_batch["crop_top_left"])
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -272,6 +344,20 @@ def test_check_config_requires_a_model_and_a_root(tmp_path):
     del tree["data"]["root"]
     with pytest.raises(ConfigError, match="data.root: missing"):
         parse_run_config(tree)
+
+
+def test_build_model_rejects_a_scheduler_prediction_type_training_cannot_use(tmp_path):
+    from visionpeft.runconfig import parse_run_config
+    from visionpeft.task import get_task
+
+    pipeline = save_tiny_sd_pipeline(tmp_path / "tiny-sd")
+    config_path = pipeline / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "sample"}))
+    run = parse_run_config({"task": "diffusion", "model": {"name": str(pipeline)}, "method": {"name": "lora"},
+                            "data": {"root": str(tmp_path), "resolution": 32}, "train": {"max_steps": 1},
+                            "output_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=r"prediction_type 'sample'; training supports \['epsilon', 'v_prediction'\]"):
+        get_task("diffusion")(run).build_model()
 
 
 # --- sampling -------------------------------------------------------------------------------------
