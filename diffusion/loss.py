@@ -8,6 +8,9 @@ prediction is compared with the target of the scheduler's ``prediction_type``: t
 * min-SNR weighting (Hang et al., 2023; ``--snr_gamma``): each sample's MSE times
   ``min(snr, gamma) / snr`` for epsilon, ``min(snr, gamma) / (snr + 1)`` for v-prediction;
 * noise offset (``--noise_offset``): ``noise + offset * randn(B, C, 1, 1)``;
+* timestep sampling: ``uniform`` (every script but one), or ``cubic``, ``t = (1 - u^3) T`` for
+  ``u ~ U(0, 1)``, the T2I-Adapter paper's (section 3.4) and ``train_t2i_adapter_sdxl.py``'s,
+  which favours the early, noisy steps where the structure of an image is decided;
 * prior preservation (DreamBooth): the rows marked ``is_class`` give a plain MSE ``prior``
   loss and the total is ``instance + prior_loss_weight * prior`` (min-SNR weights the instance
   rows only, as ``train_dreambooth_lora_sdxl.py``).
@@ -26,6 +29,17 @@ from torch import nn
 from visionpeft.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
+def sample_timesteps(batch: int, steps: int, device: torch.device, sampling: str = "uniform") -> torch.Tensor:
+    """``batch`` training timesteps in ``[0, steps)``: uniform, or cubic ``(1 - u^3) * steps`` (T2I-Adapter)."""
+    if sampling == "uniform":
+        return torch.randint(0, steps, (batch,), device=device).long()
+    if sampling == "cubic":
+        u = torch.rand((batch,), device=device)
+        return ((1 - u**3) * steps).long().clamp(0, steps - 1)
+    raise ConfigError(f"data.loss.timestep_sampling: {sampling!r}; choose one of {list(TIMESTEP_SAMPLING)}")
 
 
 def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -89,6 +103,7 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     prior_loss_weight: float = 1.0,
+    timestep_sampling: str = "uniform",
 ) -> torch.Tensor:
     """The denoising loss of ``batch`` (a :func:`visionpeft.diffusion.data.collate` batch) for ``model``."""
     sd = _unwrap(model)
@@ -98,7 +113,7 @@ def diffusion_loss(
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
     scheduler = sd.noise_scheduler
     steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device).long()
+    timesteps = sample_timesteps(latents.shape[0], steps, latents.device, timestep_sampling)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
     target = target_for(scheduler, latents, noise, timesteps, prediction_type)

@@ -21,7 +21,8 @@ given), ``root``, ``resolution`` (512), ``crop`` (``center`` / ``random``), ``fl
 ``class_prompt`` (prior preservation with class images you provide), ``condition_root`` (condition
 images with the training images' relative names) or ``condition`` (``canny``, ``sketch``) for
 T2I-Adapter, ``cache_latents``, ``skip_bad``; ``loss``: ``snr_gamma``, ``noise_offset``,
-``prior_loss_weight``; ``sampling``: ``prompts``, ``steps``, ``guidance``, ``seed``,
+``prior_loss_weight``, ``timestep_sampling`` (``uniform``, or ``cubic``: the T2I-Adapter paper's);
+``sampling``: ``prompts``, ``steps``, ``guidance``, ``seed``,
 ``negative_prompt``, ``conditions`` (control images for the prompts, T2I-Adapter). Sample grids
 are written at every ``train.eval_every`` steps and at the end, into ``samples/``.
 
@@ -51,7 +52,7 @@ DATA_KEYS: dict[str, tuple[type, ...]] = {
     "condition": (str,), "cache_latents": (bool,), "skip_bad": (bool,), "loss": (dict,), "sampling": (dict,),
 }
 LOSS_KEYS: dict[str, tuple[type, ...]] = {"snr_gamma": (float, int), "noise_offset": (float, int),
-                                          "prior_loss_weight": (float, int)}
+                                          "prior_loss_weight": (float, int), "timestep_sampling": (str,)}
 SAMPLING_KEYS: dict[str, tuple[type, ...]] = {"prompts": (list,), "steps": (int,), "guidance": (float, int),
                                               "seed": (int,), "negative_prompt": (str,), "conditions": (list,)}
 MODEL_KWARGS = ("torch_dtype", "variant", "config", "original_config", "sdxl", "revision")
@@ -171,6 +172,11 @@ class DiffusionTask(Task):
         for key in ("noise_offset", "prior_loss_weight"):
             if loss.get(key) is not None and loss[key] < 0:
                 raise ConfigError(f"data.loss.{key}: {loss[key]} must be >= 0")
+        from visionpeft.diffusion.loss import TIMESTEP_SAMPLING
+
+        if loss.get("timestep_sampling", "uniform") not in TIMESTEP_SAMPLING:
+            raise ConfigError(f"data.loss.timestep_sampling: {loss['timestep_sampling']!r}; choose one of "
+                              f"{list(TIMESTEP_SAMPLING)} (cubic: the T2I-Adapter paper's)")
         sampling = _check_section("data.sampling", options.get("sampling") or {}, SAMPLING_KEYS)
         prompts = sampling.get("prompts") or []
         if not all(isinstance(p, str) for p in prompts):
@@ -280,6 +286,7 @@ class DiffusionTask(Task):
             model, batch, snr_gamma=opts.get("snr_gamma"), noise_offset=float(opts.get("noise_offset") or 0.0),
             prior_loss_weight=float(opts.get("prior_loss_weight", 1.0) if opts.get("prior_loss_weight") is not None
                                     else 1.0),
+            timestep_sampling=opts.get("timestep_sampling") or "uniform",
         )
 
     def _sample_conditions(self, indices: list[int]) -> list[Any] | None:

@@ -505,3 +505,18 @@ def test_sdxl_loss_uses_the_batch_micro_conditioning():
     assert seen["time_ids"].tolist() == [[64, 48, 8, 0, 32, 32], [32, 32, 0, 0, 32, 32]]
     assert seen["text_embeds"].shape == (2, 32)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_cubic_timestep_sampling_is_t2i_adapters_and_favours_noisy_steps():
+    from visionpeft.diffusion.loss import sample_timesteps
+
+    torch.manual_seed(0)
+    cubic = sample_timesteps(20000, 1000, torch.device("cpu"), "cubic")
+    torch.manual_seed(0)
+    u = torch.rand(20000)
+    assert torch.equal(cubic, ((1 - u**3) * 1000).long().clamp(0, 999))
+    uniform = sample_timesteps(20000, 1000, torch.device("cpu"), "uniform")
+    assert cubic.min() >= 0 and cubic.max() <= 999 and uniform.min() >= 0 and uniform.max() <= 999
+    # P(t >= 500) = P(u^3 <= 1/2) = 0.5^(1/3) = 0.794 for cubic, 0.5 for uniform.
+    assert abs((cubic >= 500).float().mean().item() - (0.5 ** (1 / 3))) < 0.02
+    assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.02

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import ConfigError, DataError
+from visionpeft.images import image_problem
 
 logger = logging.getLogger("visionpeft")
 
@@ -220,22 +221,6 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(_bad_image_message(path, f"{type(exc).__name__}: {exc}")) from exc
 
 
-def check_image(path: str | os.PathLike) -> str | None:
-    """Why the image at ``path`` cannot be used, or ``None`` if it opens, verifies and decodes."""
-    if not os.path.isfile(path):
-        return "no such file"
-    try:
-        # verify() checks the file's structure (e.g. PNG checksums) but leaves the image unusable,
-        # and load() catches truncated data that verify() lets through, so both are needed.
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a float tensor ``(C, H, W)`` in [0, 1], for readers given no transform."""
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
@@ -257,7 +242,7 @@ class _ImageList(Dataset):
         if skip_bad:
             kept = []
             for path, label in samples:
-                reason = check_image(path)
+                reason = image_problem(path)
                 if reason is None:
                     kept.append((path, label))
                 else:
@@ -512,7 +497,7 @@ class VideoFrames(Dataset):
         except DataError as exc:
             return str(exc)
         for frame in frames:
-            reason = check_image(frame)
+            reason = image_problem(frame)
             if reason is not None:
                 return f"frame {frame}: {reason}"
         return None

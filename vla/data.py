@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import DataError
+from visionpeft.images import image_problem
 
 logger = logging.getLogger("visionpeft")
 
@@ -539,21 +540,6 @@ def open_image(path: str) -> Image.Image:
     # Broken files raise several types in PIL (OSError, SyntaxError, ValueError, DecompressionBombError).
     except Exception as exc:
         raise DataError(_bad_image(path, f"{type(exc).__name__}: {exc}")) from exc
-
-
-def image_problem(path: str) -> str | None:
-    """Why the image at ``path`` cannot be used, or ``None`` when it decodes."""
-    if not os.path.isfile(path):
-        return "no such file"
-    try:
-        # verify() catches structural damage but leaves the image unusable; load() catches truncation.
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def drop_bad(items: Sequence[Datum], source: Any = "the data") -> tuple[list[Datum], list[str]]:
