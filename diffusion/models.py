@@ -117,9 +117,8 @@ class StableDiffusionModel(nn.Module):
         """What the UNet predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (the scheduler's config)."""
         return self.noise_scheduler.config.prediction_type
 
-    @property
-    def t2i_adapter(self) -> nn.Module | None:
-        """The attached T2I-Adapter (registered by the ``t2i_adapter`` method), or ``None``."""
+    def find_t2i_adapter(self) -> nn.Module | None:
+        """The attached T2I-Adapter (the ``t2i_adapter`` submodule the method registers), or ``None``."""
         return self._modules.get(T2I_ADAPTER_ATTR)
 
     # -- text --
@@ -205,7 +204,7 @@ class StableDiffusionModel(nn.Module):
             kwargs["added_cond_kwargs"] = {k: v.to(noisy_latents.device, dtype) for k, v in added.items()}
         elif added_cond_kwargs:
             kwargs["added_cond_kwargs"] = added_cond_kwargs
-        adapter = self.t2i_adapter
+        adapter = self.find_t2i_adapter()
         if adapter is not None:
             if condition is None:
                 raise ConfigError(
@@ -237,7 +236,7 @@ class StableDiffusionModel(nn.Module):
         """
         import diffusers
 
-        adapter = self.t2i_adapter
+        adapter = self.find_t2i_adapter()
         common: dict[str, Any] = {
             "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
             "scheduler": self.scheduler,

@@ -182,7 +182,7 @@ class T2IAdapterMethod(Method):
     def attach(self, model: nn.Module) -> nn.Module:
         from diffusers import T2IAdapter
 
-        if model.t2i_adapter is not None:
+        if model.find_t2i_adapter() is not None:
             raise AdapterError("a T2I-Adapter is already attached to this model; vp.detach it first (one per model)")
         self.adapter_kwargs = self.resolve(model)
         like = next(model.unet.parameters())
@@ -193,9 +193,7 @@ class T2IAdapterMethod(Method):
         self._handles = [adapter.register_forward_pre_hook(self._check_condition)]
         if self.config.adapter_conditioning_scale != 1.0:
             self._handles.append(adapter.register_forward_hook(self._scale))
-        # The container exposes `t2i_adapter` as a read-only property over _modules, which
-        # add_module refuses to shadow; registering in _modules is what add_module does.
-        model._modules[ATTR] = adapter
+        model.add_module(ATTR, adapter)
         return model
 
     def _check_condition(self, module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -248,7 +248,7 @@ class DiffusionTask(Task):
         class_records = None
         if opts.get("class_root"):
             class_records = data.read_records(Path(opts["class_root"]), instance_prompt=opts["class_prompt"])
-        adapter = sd.t2i_adapter
+        adapter = sd.find_t2i_adapter()
         channels = adapter.config.in_channels if adapter is not None else 3
         dataset = data.SDImageDataset(
             records, resolution=self.resolution, crop=opts.get("crop", "center"), flip=opts.get("flip", False),
@@ -295,9 +295,9 @@ class DiffusionTask(Task):
         from visionpeft.diffusion.data import condition_to_mode, open_image
 
         sd = self._sd()
-        if sd.t2i_adapter is None:
+        if sd.find_t2i_adapter() is None:
             return None
-        channels = sd.t2i_adapter.config.in_channels
+        channels = sd.find_t2i_adapter().config.in_channels
         size = (self.resolution, self.resolution)
         paths = self.sampling.get("conditions")
         out = []

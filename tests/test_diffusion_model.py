@@ -95,7 +95,7 @@ def test_t2i_adapter_submodule_enters_the_unet_and_needs_a_condition():
         plain = model(latents, t, ids)
     torch.manual_seed(1)
     adapter = T2IAdapter(in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=2)
-    model._modules["t2i_adapter"] = adapter
+    model.add_module("t2i_adapter", adapter)
     with pytest.raises(ConfigError, match="condition="):
         model(latents, t, ids)
     condition = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
