@@ -38,3 +38,32 @@ def test_vit_methods_run_under_bf16_autocast_on_cuda():
         loss.backward()
         trained = [p for p in model.parameters() if p.requires_grad]
         assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+
+
+def test_prompt_learners_on_cuda_with_openai_style_fp16_weights():
+    pytest.importorskip("open_clip")
+    from open_clip.model import convert_weights_to_lp
+
+    from tiny_models import tiny_clip
+
+    names = ["dog", "cat", "golden_retriever"]
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    for method, kwargs in [("coop", {}), ("cocoop", {}), ("maple", {"prompt_depth": 2})]:
+        clip = tiny_clip(0).cuda().eval()
+        convert_weights_to_lp(clip, torch.float16)  # what the papers trained with
+        model = vp.attach(clip, method, classnames=names, **kwargs)
+        logits = model(images)
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+        logits.logsumexp(-1).sum().backward()
+        trained = list(model.prompt_learner.parameters())
+        assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+
+
+def test_cocoop_batched_equals_the_loop_on_cuda():
+    pytest.importorskip("open_clip")
+    from tiny_models import tiny_clip
+
+    model = vp.attach(tiny_clip(0).cuda().eval(), "cocoop", classnames=[f"class {i}" for i in range(50)])
+    images = torch.randn(8, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), model.forward_loop(images), atol=1e-4, rtol=1e-4)
