@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from visionpeft.config import MethodConfig, field
+from visionpeft.diffusion.base import DiffusionMethod
 from visionpeft.errors import AdapterError, ConfigError, DataError
-from visionpeft.method import Method, get_state
+from visionpeft.method import get_state
 
-FAMILY = "diffusers.StableDiffusion"
 ATTR = "t2i_adapter"
 EXPORT_DIR = "t2i_adapter"
 
@@ -58,14 +58,6 @@ class T2IAdapterConfig(MethodConfig):
         1.0, help="multiplies the adapter's features in training and sampling (pass the same value to the "
         "pipeline's adapter_conditioning_scale)", ge=0,
     )
-
-
-def _is_sd(model: nn.Module) -> bool:
-    try:
-        from visionpeft.diffusion.models import StableDiffusionModel
-    except ImportError:
-        return False
-    return isinstance(model, StableDiffusionModel)
 
 
 def unet_residual_slots(unet: nn.Module, vae_scale_factor: int) -> list[tuple[int, int]]:
@@ -116,11 +108,10 @@ def _default_channels(adapter_type: str, slots: list[tuple[int, int]], num_down_
     return down
 
 
-class T2IAdapterMethod(Method):
+class T2IAdapterMethod(DiffusionMethod):
     """A trained diffusers T2IAdapter whose features enter the frozen UNet's down blocks."""
 
     name = "t2i_adapter"
-    domain = "diffusion"
     description = "T2I-Adapter for Stable Diffusion: a diffusers T2IAdapter trains, the UNet stays frozen"
     Config = T2IAdapterConfig
     mergeable = False
@@ -132,13 +123,6 @@ class T2IAdapterMethod(Method):
         self._handles: list[Any] = []
         self.adapter_kwargs: dict[str, Any] = {}
 
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return _is_sd(model)
-
-    @classmethod
-    def supported_families(cls) -> list[str]:
-        return [FAMILY]
 
     def resolve(self, model: nn.Module) -> dict[str, Any]:
         """The ``T2IAdapter`` constructor arguments for ``model``, checked against its UNet.

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 import visionpeft as vp
 from visionpeft.errors import ConfigError
+from visionpeft.runconfig import check_section
 from visionpeft.task import Task
 
 FORMATS = ("imagefolder", "dreambooth")
@@ -69,24 +70,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "t2i_adapter": {"optimizer": "adamw", "lr": 5e-6, "batch_size": 16, "scheduler": "constant",
                     "weight_decay": 1e-2, "max_grad_norm": 1.0},
 }
-
-
-def _check_type(path: str, value: Any, types: tuple[type, ...]) -> None:
-    wants_bool = types == (bool,)
-    if not isinstance(value, types) or (isinstance(value, bool) and not wants_bool):
-        raise ConfigError(f"{path}: expected {types[0].__name__}, got {value!r}")
-
-
-def _check_section(prefix: str, section: Any, keys: dict[str, tuple[type, ...]]) -> dict[str, Any]:
-    if not isinstance(section, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of {sorted(keys)}, got {section!r}")
-    unknown = sorted(set(section) - set(keys))
-    if unknown:
-        raise ConfigError(f"{prefix}: unknown key(s) {unknown}; allowed: {sorted(keys)}")
-    for key, value in section.items():
-        if value is not None:
-            _check_type(f"{prefix}.{key}", value, keys[key])
-    return section
 
 
 class DiffusionTask(Task):
@@ -118,7 +101,7 @@ class DiffusionTask(Task):
             if getattr(data, key) is not None:
                 raise ConfigError(f"data.{key}: the diffusion task trains on data.root and samples "
                                   "data.sampling.prompts; remove it")
-        options = _check_section("data", data.options, DATA_KEYS)
+        options = check_section("data", data.options, DATA_KEYS, allow_null=True)
         fmt = data.format or ("dreambooth" if options.get("instance_prompt") else "imagefolder")
         if fmt not in FORMATS:
             raise ConfigError(f"data.format: {fmt!r} is not supported; choose one of {list(FORMATS)}")
@@ -166,7 +149,7 @@ class DiffusionTask(Task):
             raise ConfigError("data.condition: only the t2i_adapter method uses condition images; remove it")
         if has_condition and options.get("class_root"):
             raise ConfigError("data.class_root: prior preservation does not combine with T2I-Adapter conditions")
-        loss = _check_section("data.loss", options.get("loss") or {}, LOSS_KEYS)
+        loss = check_section("data.loss", options.get("loss") or {}, LOSS_KEYS, allow_null=True)
         if loss.get("snr_gamma") is not None and loss["snr_gamma"] <= 0:
             raise ConfigError(f"data.loss.snr_gamma: {loss['snr_gamma']} must be > 0 (5.0 is the paper's)")
         for key in ("noise_offset", "prior_loss_weight"):
@@ -177,7 +160,7 @@ class DiffusionTask(Task):
         if loss.get("timestep_sampling", "uniform") not in TIMESTEP_SAMPLING:
             raise ConfigError(f"data.loss.timestep_sampling: {loss['timestep_sampling']!r}; choose one of "
                               f"{list(TIMESTEP_SAMPLING)} (cubic: the T2I-Adapter paper's)")
-        sampling = _check_section("data.sampling", options.get("sampling") or {}, SAMPLING_KEYS)
+        sampling = check_section("data.sampling", options.get("sampling") or {}, SAMPLING_KEYS, allow_null=True)
         prompts = sampling.get("prompts") or []
         if not all(isinstance(p, str) for p in prompts):
             raise ConfigError("data.sampling.prompts: expected a list of prompt strings")

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionpeft.config import MethodConfig, field
+from visionpeft.diffusion.base import DiffusionMethod
 from visionpeft.errors import AdapterError, ConfigError
 from visionpeft.inject import Replacement, replace_module
-from visionpeft.method import Method, get_state
+from visionpeft.method import get_state
 
-FAMILY = "diffusers.StableDiffusion"
 #: the model attributes of each text encoder and its tokenizer, and the key of its vectors
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
@@ -105,14 +105,6 @@ class NewTokenEmbedding(nn.Module):
         return torch.where(is_new.unsqueeze(-1), new, old)
 
 
-def _is_sd(model: nn.Module) -> bool:
-    try:
-        from visionpeft.diffusion.models import StableDiffusionModel
-    except ImportError:
-        return False
-    return isinstance(model, StableDiffusionModel)
-
-
 def _encoders(model: nn.Module) -> list[tuple[str, str, nn.Module, Any]]:
     out = []
     for encoder_attr, tokenizer_attr in ENCODERS:
@@ -147,11 +139,10 @@ def _initializer_id(tokenizer: Any, word: str, where: str) -> int:
     return ids[0]
 
 
-class TextualInversion(Method):
+class TextualInversion(DiffusionMethod):
     """New placeholder-token vectors in the text encoder(s); the only trained tensors."""
 
     name = "textual_inversion"
-    domain = "diffusion"
     description = "textual inversion for Stable Diffusion: only a new token's vectors train (SD, SDXL)"
     Config = TextualInversionConfig
     mergeable = False
@@ -163,13 +154,6 @@ class TextualInversion(Method):
         self._replacements: dict[str, Replacement] = {}
         self._tokenizers: dict[str, Any] = {}
 
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return _is_sd(model)
-
-    @classmethod
-    def supported_families(cls) -> list[str]:
-        return [FAMILY]
 
     @property
     def tokens(self) -> list[str]:

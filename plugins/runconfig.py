@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +140,35 @@ class RunConfig:
         data.update(data.pop("options"))
         out["train"]["betas"] = list(out["train"]["betas"])
         return out
+
+
+def check_section(
+    prefix: str,
+    section: Any,
+    types: Mapping[str, tuple[type, ...]],
+    *,
+    allow_null: bool = False,
+    where: str = "",
+) -> dict[str, Any]:
+    """Check a domain's own keys of a run config (``data`` options, a nested ``data.loss``) and return them.
+
+    ``section`` must be a mapping whose keys are in ``types`` and whose values are instances of the
+    key's types (``bool`` is never taken for a number, nor a number for ``bool``); ``None`` means
+    "unset" when ``allow_null``. Errors name the key path (``prefix.key``) and what is allowed;
+    ``where`` qualifies the unknown-key message (``" for format 'vtab'"``).
+    """
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{prefix}: expected a mapping of {sorted(types)}, got {section!r}")
+    unknown = sorted(set(section) - set(types))
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown key(s) {unknown}{where}; allowed: {sorted(types)}")
+    for key, value in section.items():
+        if value is None and allow_null:
+            continue
+        kinds = types[key]
+        if not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds):
+            raise ConfigError(f"{prefix}.{key}: expected {kinds[0].__name__}, got {value!r}")
+    return dict(section)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -276,6 +276,7 @@ def test_export_lora_cli_converts_both_ways(base, tmp_path, capsys):
 
 def test_sdxl_lora_exports_reload_in_the_sdxl_pipeline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
+
     from test_diffusion_model import tiny_sdxl_model
 
     model = vp.attach(tiny_sdxl_model(), "lora", r=2, alpha=6.0, targets=["@unet_attn", "@text_encoder"])

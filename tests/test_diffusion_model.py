@@ -14,33 +14,14 @@ from visionpeft.diffusion.models import StableDiffusionModel, load_sd_model
 from visionpeft.errors import ConfigError
 from visionpeft.hosts import find_host
 
-from tiny_models import save_tiny_sd_pipeline, tiny_clip_tokenizer, tiny_sd_components, tiny_sd_pipeline
+from tiny_models import save_tiny_sd_pipeline, tiny_sd_components, tiny_sd_pipeline, tiny_sdxl_components
 
 
 def tiny_sdxl_model(seed: int = 0) -> StableDiffusionModel:
-    """A tiny SDXL container: a text_time UNet, two CLIP text encoders (hidden 32 each, the second projected)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    parts = tiny_sd_components(seed)
-    tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-    )
-    config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, vocab_size=len(tokenizer),
-        max_position_embeddings=77, projection_dim=32,
-    )
-    return StableDiffusionModel(
-        unet, parts["vae"], CLIPTextModel(config), parts["tokenizer"], parts["scheduler"],
-        text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=tokenizer,
-    )
+    """A tiny SDXL container (:func:`tiny_models.tiny_sdxl_components`)."""
+    c = tiny_sdxl_components(seed)
+    return StableDiffusionModel(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
+                                text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"])
 
 
 @pytest.fixture(scope="module")

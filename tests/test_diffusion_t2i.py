@@ -187,9 +187,9 @@ def test_light_adapter_on_a_three_level_unet_matches_the_pipeline():
 
 
 def test_full_adapter_xl_on_a_tiny_sdxl():
-    from test_diffusion_ti import _sdxl_components
+    from tiny_models import tiny_sdxl_components
 
-    c = _sdxl_components()
+    c = tiny_sdxl_components()
     c["unet"] = _three_level(
         ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

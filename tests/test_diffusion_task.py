@@ -487,9 +487,9 @@ def test_an_interrupted_run_resumes_to_the_same_lora(tiny_run_inputs, tmp_path):
 
 
 def test_sdxl_loss_uses_the_batch_micro_conditioning():
-    from test_diffusion_model import tiny_sdxl_model
-
     import visionpeft as vp
+
+    from test_diffusion_model import tiny_sdxl_model
 
     model = vp.attach(tiny_sdxl_model(), "lora", r=2)
     batch = {"pixel_values": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,

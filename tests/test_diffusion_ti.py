@@ -14,6 +14,7 @@ from visionpeft.method import get_state
 
 pytest.importorskip("diffusers")
 
+
 from visionpeft.diffusion import embedding_export
 from visionpeft.diffusion.loss import diffusion_loss
 from visionpeft.diffusion.models import StableDiffusionModel
@@ -22,7 +23,8 @@ from visionpeft.diffusion.textual_inversion import (
     export_embeddings,
 )
 
-from tiny_models import tiny_clip_tokenizer, tiny_sd_components, tiny_sd_pipeline
+from test_diffusion_model import tiny_sdxl_model
+from tiny_models import tiny_sd_components, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 TOKEN = "<cat-toy>"
 
@@ -49,47 +51,6 @@ def _batch(model: StableDiffusionModel, prompt: str = f"a photo of {TOKEN}", siz
 def _loss(model, batch) -> torch.Tensor:
     torch.manual_seed(5)  # the same noise, timesteps and VAE sample every call: a fixed batch
     return diffusion_loss(model, batch)
-
-
-def _sdxl_components(seed: int = 0) -> dict:
-    """A tiny SDXL: two CLIP text encoders (32 wide each, the second with a projection) and a text_time UNet."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-    )
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-    config = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                  num_hidden_layers=5, vocab_size=len(tokenizer), max_position_embeddings=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=32, **config))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                tokenizer_2=tokenizer_2, scheduler=scheduler)
-
-
-def _sdxl_model(seed: int = 0) -> StableDiffusionModel:
-    c = _sdxl_components(seed)
-    return StableDiffusionModel(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
-                                text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"])
-
-
-def _sdxl_pipeline(seed: int = 0):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline(**_sdxl_components(seed), add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # --- attach, gradients, detach -----------------------------------------------------------------
@@ -332,7 +293,7 @@ def test_file_stem():
 
 
 def test_sdxl_trains_both_encoders_and_exports_clip_l_clip_g(tmp_path):
-    model = _attach(_sdxl_model(), num_vectors=2)
+    model = _attach(tiny_sdxl_model(), num_vectors=2)
     method = _method(model)
     assert set(method.trained_tensors(model)) == {"text_encoder", "text_encoder_2"}
     assert method.token_ids(model) == {"tokenizer": [519, 520], "tokenizer_2": [519, 520]}
@@ -365,11 +326,11 @@ def test_sdxl_trains_both_encoders_and_exports_clip_l_clip_g(tmp_path):
             expected, expected_pooled = model.encode_prompt(batch["input_ids"], batch["input_ids_2"])
         assert torch.equal(embeds, expected) and torch.equal(pooled, expected_pooled)
 
-    pipe = _sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     embedding_export.load_sdxl_embedding(pipe, tmp_path / "cat-toy.safetensors", TOKEN)
     check(pipe)
     # diffusers' own pair of files, one call per encoder as textual_inversion_sdxl.py's README loads them
-    pipe = _sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     pipe.load_textual_inversion(tmp_path, weight_name="learned_embeds.safetensors")
     pipe.load_textual_inversion(tmp_path, weight_name="learned_embeds_2.safetensors",
                                 text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
@@ -377,7 +338,7 @@ def test_sdxl_trains_both_encoders_and_exports_clip_l_clip_g(tmp_path):
 
 
 def test_sdxl_initializer_must_be_one_token_in_both_tokenizers():
-    model = _sdxl_model()
+    model = tiny_sdxl_model()
     model.tokenizer_2 = copy.deepcopy(model.tokenizer_2)
     model.tokenizer_2.add_tokens(["<x>"])  # a token the first tokenizer splits
     with pytest.raises(ConfigError, match="tokenizer "):

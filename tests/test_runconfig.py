@@ -131,3 +131,21 @@ def test_files(tmp_path):
     # PyYAML reads 1e-3 as a string (YAML 1.1); run configs read it as the number people mean.
     path.write_text(yaml.safe_dump(good()).replace("lr: 0.01", "lr: 1e-3"))
     assert load_run_config(path).train.lr == 1e-3
+
+
+def test_check_section_names_the_key_and_what_is_allowed():
+    from visionpeft.runconfig import check_section
+
+    types = {"size": (int,), "flip": (bool,), "rate": (float, int)}
+    assert check_section("data", {"size": 3, "flip": True, "rate": 1}, types) == {"size": 3, "flip": True, "rate": 1}
+    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['sizes'\] for format 'x'; allowed"):
+        check_section("data", {"sizes": 3}, types, where=" for format 'x'")
+    with pytest.raises(ConfigError, match="data.size: expected int, got True"):
+        check_section("data", {"size": True}, types)
+    with pytest.raises(ConfigError, match="data.flip: expected bool, got 1"):
+        check_section("data", {"flip": 1}, types)
+    with pytest.raises(ConfigError, match="data.size: expected int, got None"):
+        check_section("data", {"size": None}, types)
+    assert check_section("data.loss", {"size": None}, types, allow_null=True) == {"size": None}
+    with pytest.raises(ConfigError, match="data.loss: expected a mapping"):
+        check_section("data.loss", [1], types)

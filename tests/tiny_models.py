@@ -261,3 +261,44 @@ def save_tiny_sd_pipeline(directory: str | os.PathLike[str], seed: int = 0) -> P
     tiny_sd_pipeline(seed).save_pretrained(directory, safe_serialization=True)
     tiny_clip_tokenizer_files(directory / "tokenizer")
     return directory
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """The components of a tiny SDXL pipeline: a ``text_time`` UNet and two CLIP text encoders.
+
+    The text encoders are 32 wide (the second with a projection, for the pooled embedding); the VAE
+    and the tokenizers are the tiny SD ones; the scheduler is an ``EulerDiscreteScheduler``, as
+    SDXL's. Keys: unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    )
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    config = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=5, vocab_size=len(tokenizer), max_position_embeddings=CONTEXT_LENGTH)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=32, **config)).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": scheduler}
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> Any:
+    """A tiny ``StableDiffusionXLPipeline`` from :func:`tiny_sdxl_components` (no watermarker)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 import visionpeft as vp
 from visionpeft.errors import ConfigError
+from visionpeft.runconfig import check_section
 from visionpeft.task import Task
 
 FORMATS: dict[str, dict[str, Any]] = {
@@ -81,12 +82,8 @@ class VitTask(Task):
         if run.data.root is None:
             raise ConfigError("data.root: missing; give the data set's folder")
         allowed = COMMON_OPTIONS | FORMATS[fmt]["options"]
-        unknown = sorted(set(run.data.options) - allowed)
-        if unknown:
-            raise ConfigError(f"data: unknown key(s) {unknown} for format {fmt!r}; allowed: {sorted(allowed)}")
+        check_section("data", run.data.options, {k: OPTION_TYPES[k] for k in allowed}, where=f" for format {fmt!r}")
         for key, value in run.data.options.items():
-            if not isinstance(value, OPTION_TYPES[key]) or isinstance(value, bool) != (OPTION_TYPES[key] == (bool,)):
-                raise ConfigError(f"data.{key}: expected {OPTION_TYPES[key][0].__name__}, got {value!r}")
             if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
                 raise ConfigError(f"data.{key}: {value!r} is not allowed; choose one of {list(OPTION_CHOICES[key])}")
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 import visionpeft as vp
 from visionpeft.errors import ConfigError
 from visionpeft.files import atomic_write_text
+from visionpeft.runconfig import check_section
 from visionpeft.task import Task
 
 logger = logging.getLogger("visionpeft")
@@ -99,13 +100,7 @@ class VlaTask(Task):
             raise ConfigError(f"data.format: {fmt!r} is not supported; choose one of {list(FORMATS)}")
         if run.data.root is None:
             raise ConfigError("data.root: missing; give the folder holding the data sets ($DATA in CoOp's DATASETS.md)")
-        unknown = sorted(set(run.data.options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"data: unknown key(s) {unknown}; allowed: {sorted(OPTIONS)}")
-        for key, value in run.data.options.items():
-            kinds = OPTIONS[key]
-            if not isinstance(value, kinds) or isinstance(value, bool) != (kinds == (bool,)):
-                raise ConfigError(f"data.{key}: expected {kinds[0].__name__}, got {value!r}")
+        check_section("data", run.data.options, OPTIONS)
         setting = run.data.options.get("setting", "fewshot")
         if setting not in SETTINGS:
             raise ConfigError(f"data.setting: {setting!r} is not allowed; choose one of {list(SETTINGS)}")
