@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import DataError
+from visionpeft.images import read_image
 
 logger = logging.getLogger("visionpeft")
 
@@ -61,20 +62,9 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _bad_image_message(path: Path, reason: str) -> str:
-    return f"cannot read image {path}: {reason}; fix or remove it, or set data.skip_bad: true"
-
-
 def open_image(path: Path) -> Image.Image:
-    """The decoded image at ``path`` with its EXIF orientation applied; unreadable files raise :class:`DataError`."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image)
-    except FileNotFoundError:
-        raise DataError(_bad_image_message(path, "no such file")) from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated or foreign files
-        raise DataError(_bad_image_message(path, f"{type(exc).__name__}: {exc}")) from exc
+    """The decoded image at ``path`` in its own mode, EXIF orientation applied; unreadable files raise DataError."""
+    return read_image(path, mode=None, exif_transpose=True, hint="set data.skip_bad: true")
 
 
 def condition_to_mode(image: Image.Image, channels: int, path: Path | str) -> Image.Image:

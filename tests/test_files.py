@@ -193,3 +193,21 @@ def test_atomic_write_cleans_up_after_an_error(tmp_path, monkeypatch):
         files.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_read_image_names_the_bad_file_and_the_fix(tmp_path):
+    from PIL import Image
+
+    from visionpeft.errors import DataError
+    from visionpeft.images import image_problem, read_image
+
+    good = tmp_path / "good.png"
+    Image.new("L", (4, 3), 7).save(good)
+    assert read_image(good).mode == "RGB" and read_image(good, mode=None).mode == "L"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:20])
+    with pytest.raises(DataError, match=r"cannot read image .*broken.png: .*; fix or remove it, or pass skip_bad=True"):
+        read_image(broken)
+    with pytest.raises(DataError, match="missing.png: no such file; fix or remove it, or set data.skip_bad: true"):
+        read_image(tmp_path / "missing.png", hint="set data.skip_bad: true")
+    assert image_problem(good) is None and image_problem(broken) and image_problem(tmp_path / "x") == "no such file"

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import ConfigError, DataError
-from visionpeft.images import image_problem
+from visionpeft.images import bad_image_message, image_problem, read_image
 
 logger = logging.getLogger("visionpeft")
 
@@ -205,22 +205,6 @@ def read_list_file(path: str | os.PathLike) -> list[tuple[str, int]]:
     return entries
 
 
-def _bad_image_message(path: str | os.PathLike, reason: str) -> str:
-    return f"cannot read image {path}: {reason}; fix or remove it, or pass skip_bad=True"
-
-
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """The image at ``path``, decoded and converted to RGB; a missing or undecodable file raises :class:`DataError`."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(_bad_image_message(path, "no such file")) from None
-    # PIL raises several types for broken files (OSError, SyntaxError, ValueError, DecompressionBombError).
-    except Exception as exc:
-        raise DataError(_bad_image_message(path, f"{type(exc).__name__}: {exc}")) from exc
-
-
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a float tensor ``(C, H, W)`` in [0, 1], for readers given no transform."""
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
@@ -247,7 +231,7 @@ class _ImageList(Dataset):
                     kept.append((path, label))
                 else:
                     self.skipped.append(path)
-                    logger.debug("skipping %s", _bad_image_message(path, reason))
+                    logger.debug("skipping %s", bad_image_message(path, reason))
             _log_skipped(self.skipped, len(samples), "unreadable image(s)", source)
             samples = kept
         else:
@@ -255,7 +239,7 @@ class _ImageList(Dataset):
             missing = [path for path, _ in samples if not os.path.isfile(path)]
             if missing:
                 more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-                raise DataError(_bad_image_message(missing[0], "no such file") + more)
+                raise DataError(bad_image_message(missing[0], "no such file") + more)
         self.samples = samples
 
     def __len__(self) -> int:

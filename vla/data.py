@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import DataError
-from visionpeft.images import image_problem
+from visionpeft.images import bad_image_message, image_problem, read_image
 
 logger = logging.getLogger("visionpeft")
 
@@ -526,22 +526,6 @@ def load_dataset(name: str, root: str | os.PathLike, check_files: bool = True) -
 # -- images --
 
 
-def _bad_image(path: str, reason: str) -> str:
-    return f"cannot read image {path}: {reason}; fix or remove it, or pass skip_bad=True"
-
-
-def open_image(path: str) -> Image.Image:
-    """The image at ``path`` as RGB; a missing or undecodable file raises :class:`DataError` naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(_bad_image(path, "no such file")) from None
-    # Broken files raise several types in PIL (OSError, SyntaxError, ValueError, DecompressionBombError).
-    except Exception as exc:
-        raise DataError(_bad_image(path, f"{type(exc).__name__}: {exc}")) from exc
-
-
 def drop_bad(items: Sequence[Datum], source: Any = "the data") -> tuple[list[Datum], list[str]]:
     """``items`` without the ones whose image is missing or does not decode, and the dropped paths (logged)."""
     kept, dropped = [], []
@@ -551,7 +535,7 @@ def drop_bad(items: Sequence[Datum], source: Any = "the data") -> tuple[list[Dat
             kept.append(item)
         else:
             dropped.append(item.impath)
-            logger.debug("skipping %s", _bad_image(item.impath, reason))
+            logger.debug("skipping %s", bad_image_message(item.impath, reason))
     if dropped:
         logger.warning("skipped %d of %d unreadable image(s) in %s (first: %s)", len(dropped), len(items), source,
                        dropped[0])
@@ -577,7 +561,7 @@ class ImageDataset(Dataset):
             missing = _missing_files(items)
             if missing:
                 more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-                raise DataError(_bad_image(missing[0], "no such file") + more)
+                raise DataError(bad_image_message(missing[0], "no such file") + more)
         self.items: list[Datum] = list(items)
 
     def __len__(self) -> int:
@@ -585,7 +569,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         item = self.items[index]
-        image = open_image(item.impath)
+        image = read_image(item.impath)
         if self.transform is not None:
             return self.transform(image), item.label
         from torchvision.transforms.functional import pil_to_tensor
