@@ -345,3 +345,28 @@ def test_quick_gelu_mismatch_is_explained():
     assert check_activation("ViT-B-16-quickgelu", "openai", {}) is None
     assert check_activation("ViT-B-16", "openai", {"force_quick_gelu": True}) is None
     assert check_activation("ViT-B-16", None, {}) is None
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("coop", {"n_ctx": 4}), ("maple", {"prompt_depth": 2})])
+def test_evaluation_encodes_the_class_prompts_once_and_never_serves_stale_features(method, kwargs):
+    clip = tiny_clip(0).eval()
+    model = vp.attach(clip, method, classnames=NAMES, **kwargs)
+    calls = []
+    hook = clip.ln_final.register_forward_hook(lambda *args: calls.append(1))
+    images = _images(2)
+    original = model.prompt_learner.ctx.detach().clone()
+    with torch.no_grad():
+        first = model(images)
+        assert torch.equal(model(images), first) and len(calls) == 1  # the text tower ran once
+        model.prompt_learner.ctx.add_(0.1)  # as an optimizer step
+        changed = model(images)
+        model.prompt_learner.ctx.data = original.clone()  # an edit autograd cannot see
+        assert torch.equal(model(images), first)
+        model.set_classnames(NAMES[:2])
+        assert model(images).shape == (2, 2)
+    assert len(calls) == 4 and not torch.equal(changed, first)
+    model.set_classnames(NAMES)
+    with_grad = model(images)  # with gradients: computed afresh (attention kernels may differ in the last bits)
+    assert len(calls) == 5
+    torch.testing.assert_close(with_grad.detach(), first, atol=1e-5, rtol=1e-5)
+    hook.remove()

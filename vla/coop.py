@@ -106,10 +106,14 @@ class CoOpCLIP(PromptedCLIP):
     """CLIP with CoOp prompts: one text-tower pass over the class prompts per forward."""
 
     def text_features(self) -> torch.Tensor:
-        """L2-normalised features of every class prompt, ``(C, E)``."""
+        """L2-normalised features of every class prompt, ``(C, E)`` (computed once per evaluation)."""
         learner = self.prompt_learner
-        features = encode_embeddings(learner.tower, learner(), learner.tokenized_prompts)
-        return nn.functional.normalize(features.float(), dim=-1)
+
+        def compute() -> torch.Tensor:
+            features = encode_embeddings(learner.tower, learner(), learner.tokenized_prompts)
+            return nn.functional.normalize(features.float(), dim=-1)
+
+        return self.cached_without_grad(compute)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encode_images(images), self.text_features())

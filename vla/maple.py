@@ -89,11 +89,15 @@ class MaPLeCLIP(PromptedCLIP):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         learner = self.prompt_learner
         prompts, deep_text, vision, deep_vision = learner()
-        text = encode_embeddings(learner.tower, prompts, learner.tokenized_prompts, deep_text, learner.n_prompt)
+
+        def text_features() -> torch.Tensor:
+            text = encode_embeddings(learner.tower, prompts, learner.tokenized_prompts, deep_text, learner.n_prompt)
+            return F.normalize(text.float(), dim=-1)
+
         visual = self.clip.visual
         dtype = visual.conv1.weight.dtype
         image = encode_image_with_prompts(visual, images.to(dtype), vision, deep_vision)
-        return self.logits(F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1))
+        return self.logits(F.normalize(image.float(), dim=-1), self.cached_without_grad(text_features))
 
 
 class MaPLe(PromptMethod):

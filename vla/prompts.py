@@ -13,7 +13,7 @@ similarity of image and class features.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -172,6 +172,31 @@ class PromptedCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.prompt_learner = prompt_learner
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+
+    def cached_without_grad(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, reused across calls while no gradient is taken and nothing it reads changed.
+
+        Class text features do not depend on the images: an evaluation would otherwise run the
+        text tower over every class prompt for every batch. The key holds every learner tensor's
+        storage, in-place version (an optimizer step or a load changes it) and, for the learned
+        tensors, their sum (which catches edits through ``.data``), the class list and the
+        autocast state, so a stale value is never returned; with gradients on it is not used.
+        """
+        if torch.is_grad_enabled():
+            self._cached = None
+            return compute()
+        learner = self.prompt_learner
+        key = (
+            tuple((t.data_ptr(), t._version, t.dtype) for t in (*learner.parameters(), *learner.buffers())),
+            tuple(float(p.detach().float().sum()) for p in learner.parameters()),
+            tuple(learner.classnames),
+            torch.is_autocast_enabled("cuda"), torch.is_autocast_enabled("cpu"),
+            torch.get_autocast_dtype("cuda"), torch.get_autocast_dtype("cpu"),
+        )
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, compute())
+        return self._cached[1]
 
     @property
     def classnames(self) -> list[str]:
