@@ -210,9 +210,11 @@ class SDImageDataset(Dataset):
         self.class_records = self._readable(list(class_records)) if class_records and skip_bad else list(
             class_records or [])
         if not self.records:
-            raise DataError(f"no readable training images are left ({len(self.skipped)} skipped)")
+            raise DataError(f"no readable training images are left ({len(self.skipped)} skipped); check data.root "
+                            "and the files it holds")
         if class_records is not None and not self.class_records:
-            raise DataError("no readable class images are left for prior preservation")
+            raise DataError("no readable class images are left for prior preservation; check data.class_root, "
+                            "or remove data.class_root and data.class_prompt to train without it")
         if self.skipped:
             logger.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0])
         # Cached items: ``latent_dist`` with the ``original_size`` / ``crop_top_left`` of the encoded crop.

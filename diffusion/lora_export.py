@@ -65,7 +65,8 @@ class LoraWeights:
             missing = sorted(set(self.down) ^ set(self.up) | set(self.down) ^ set(self.alphas))
             raise AdapterError(f"incomplete LoRA: modules without both weights and an alpha: {missing[:4]}")
         if not self.down:
-            raise AdapterError("the LoRA has no modules")
+            raise AdapterError("the LoRA has no modules: the file or adapter holds no lora_A/lora_B (or "
+                               "lora_down/lora_up) weights; is it a LoRA file?")
         for module in self.down:
             if self.down[module].shape[0] != self.up[module].shape[1]:
                 raise AdapterError(

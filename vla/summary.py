@@ -116,7 +116,8 @@ def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                                 f"({have[metric]} and {value}); {group}")
             have[metric] = value
     if not table:
-        raise DataError("no result records to summarise")
+        raise DataError("no result records to summarise; pass the results.json files of finished runs, e.g. "
+                        "python -m visionpeft.vla.summary runs/*/results.json")
     groups = []
     for (method, setting, shots), datasets in table.items():
         per_dataset: dict[str, Any] = {}
