@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -575,16 +575,3 @@ class ImageDataset(Dataset):
         from torchvision.transforms.functional import pil_to_tensor
 
         return pil_to_tensor(image).float().div_(255), item.label
-
-
-def labels_of(items: Iterable[Datum]) -> list[int]:
-    """The labels of ``items``, in order."""
-    return [item.label for item in items]
-
-
-def count_per_class(items: Iterable[Datum]) -> Mapping[int, int]:
-    """How many items each label has, in first-appearance order."""
-    counts: dict[int, int] = {}
-    for item in items:
-        counts[item.label] = counts.get(item.label, 0) + 1
-    return counts
