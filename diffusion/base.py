@@ -1,6 +1,8 @@
-"""What every visionpeft.diffusion method shares: the model family it adapts."""
+"""What every visionpeft.diffusion method shares: the model family it adapts, and whether it takes conditions."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from torch import nn
 
@@ -12,6 +14,14 @@ class DiffusionMethod(Method):
     """Base class of the methods of the ``diffusion`` domain: they adapt a ``StableDiffusionModel``."""
 
     domain = "diffusion"
+    #: whether the method trains and samples on condition images (edges, sketches, depth) beside the
+    #: captions; the diffusion task then requires them in the data (``data.condition_root`` or
+    #: ``data.condition``) and refuses them for every other method
+    takes_conditions: ClassVar[bool] = False
+
+    def condition_channels(self, model: nn.Module) -> int | None:
+        """The channels of the condition images this adapter takes (``None`` when it takes none)."""
+        return None
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

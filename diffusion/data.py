@@ -25,7 +25,6 @@ bad ones and counts them in ``skipped``.
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,11 +37,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import DataError
-from visionpeft.images import read_image
+from visionpeft.images import IMAGE_EXTENSIONS, SKIP_HINT, check_images, drop_bad, image_problem, read_image
 
-logger = logging.getLogger("visionpeft")
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
 
 
@@ -62,9 +58,12 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def open_image(path: Path) -> Image.Image:
-    """The decoded image at ``path`` in its own mode, EXIF orientation applied; unreadable files raise DataError."""
-    return read_image(path, mode=None, exif_transpose=True, hint="set data.skip_bad: true")
+def open_image(path: Path, hint: str = SKIP_HINT) -> Image.Image:
+    """The decoded image at ``path`` in its own mode, EXIF orientation applied; unreadable files raise DataError.
+
+    ``hint`` ends the error's message: what to do about the file.
+    """
+    return read_image(path, mode=None, exif_transpose=True, hint=hint)
 
 
 def condition_to_mode(image: Image.Image, channels: int, path: Path | str) -> Image.Image:
@@ -144,6 +143,10 @@ def read_records(root: Path, *, instance_prompt: str | None = None, caption_colu
     return records
 
 
+def _path(record: ImageRecord) -> Path:
+    return record.path
+
+
 def _item_rng(seed: int, epoch: int, index: int, salt: int = 0) -> random.Random:
     return random.Random(((seed * 1000003 + epoch) * 1000003 + index) * 7 + salt)
 
@@ -170,6 +173,7 @@ class SDImageDataset(Dataset):
         condition_channels: the adapter's input channels (1 or 3).
         image_root: the folder the records' relative names are taken from (for condition files).
         skip_bad: drop unreadable images (and missing conditions) up front, counted in ``skipped``.
+        skip_hint: what the errors about a bad image advise (run configs pass "set data.skip_bad: true").
         seed: seed of the per-item randomness.
     """
 
@@ -187,6 +191,7 @@ class SDImageDataset(Dataset):
         condition_channels: int = 3,
         image_root: Path | None = None,
         skip_bad: bool = False,
+        skip_hint: str = SKIP_HINT,
         seed: int = 0,
     ) -> None:
         if crop not in ("center", "random"):
@@ -199,30 +204,30 @@ class SDImageDataset(Dataset):
         self.condition_channels = condition_channels
         self.seed = seed
         self.epoch = 0
-        self.skipped: list[Path] = []
-        records = list(records)
+        self.skip_hint = skip_hint
+        no_condition: list[Path] = []
         if condition_root is not None:
             records = [self._with_condition(r, Path(condition_root), image_root, skip_bad) for r in records]
-            records = [r for r in records if r is not None]
-        if skip_bad:
-            records = self._readable(records)
-        self.records = records
-        self.class_records = self._readable(list(class_records)) if class_records and skip_bad else list(
-            class_records or [])
+            records, no_condition = drop_bad(records, _path, lambda r: None if r.condition else "no condition image",
+                                             source=condition_root, what="image(s) without a condition image")
+        self.records, skipped = check_images(records, _path, skip_bad=skip_bad, source="the training images",
+                                             hint=skip_hint, problem=self._problem)
+        self.class_records, class_skipped = check_images(list(class_records or []), _path, skip_bad=skip_bad,
+                                                         source="the class images", hint=skip_hint)
+        self.skipped: list[Path] = no_condition + skipped + class_skipped
         if not self.records:
             raise DataError(f"no readable training images are left ({len(self.skipped)} skipped); check data.root "
                             "and the files it holds")
         if class_records is not None and not self.class_records:
             raise DataError("no readable class images are left for prior preservation; check data.class_root, "
                             "or remove data.class_root and data.class_prompt to train without it")
-        if self.skipped:
-            logger.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0])
         # Cached items: ``latent_dist`` with the ``original_size`` / ``crop_top_left`` of the encoded crop.
         self._latents: list[dict[str, torch.Tensor]] | None = None
         self._class_latents: list[dict[str, torch.Tensor]] | None = None
 
     def _with_condition(self, record: ImageRecord, condition_root: Path, image_root: Path | None,
-                        skip_bad: bool) -> ImageRecord | None:
+                        skip_bad: bool) -> ImageRecord:
+        """``record`` with its condition file; without one, an error, or (``skip_bad``) no condition."""
         relative = record.path.relative_to(image_root) if image_root is not None else Path(record.path.name)
         candidates = [condition_root / relative] + [
             (condition_root / relative).with_suffix(ext) for ext in IMAGE_EXTENSIONS if ext != relative.suffix.lower()
@@ -230,26 +235,23 @@ class SDImageDataset(Dataset):
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             if skip_bad:
-                self.skipped.append(record.path)
-                return None
+                return ImageRecord(record.path, record.caption)
             raise DataError(
                 f"no condition image for {record.path}: expected {condition_root / relative} (same relative name, "
-                "any image extension); add it, or set data.skip_bad: true to drop images without one"
+                f"any image extension); add it, or {self.skip_hint} to drop images without one"
             )
         return ImageRecord(record.path, record.caption, found)
 
-    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        kept = []
-        for record in records:
-            try:
-                open_image(record.path)
-                if record.condition is not None:
-                    condition_to_mode(open_image(record.condition), self.condition_channels, record.condition)
-            except DataError:
-                self.skipped.append(record.path)
-                continue
-            kept.append(record)
-        return kept
+    def _problem(self, record: ImageRecord) -> str | None:
+        """Why a training image or its condition cannot be used, or ``None``."""
+        reason = image_problem(record.path)
+        if reason is not None or record.condition is None:
+            return reason
+        try:
+            condition_to_mode(open_image(record.condition), self.condition_channels, record.condition)
+        except DataError as exc:
+            return str(exc)
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops, flips and caption dropout the items use."""
@@ -283,7 +285,7 @@ class SDImageDataset(Dataset):
     # -- items --
 
     def _load(self, record: ImageRecord, rng: random.Random) -> dict[str, Any]:
-        image = open_image(record.path)
+        image = open_image(record.path, self.skip_hint)
         resized, top_left, flip = self._geometry(image.size, rng)
         item: dict[str, Any] = {
             "original_size": torch.tensor([image.size[1], image.size[0]]),
@@ -292,7 +294,8 @@ class SDImageDataset(Dataset):
         rgb = self._apply(image.convert("RGB"), resized, top_left, flip, Image.Resampling.BILINEAR)
         item["pixel_values"] = pil_to_tensor(rgb) * 2.0 - 1.0
         if record.condition is not None:
-            condition = condition_to_mode(open_image(record.condition), self.condition_channels, record.condition)
+            condition = condition_to_mode(open_image(record.condition, self.skip_hint), self.condition_channels,
+                                          record.condition)
             if condition.size != image.size:
                 # Resized to the image first, so the crop box means the same pixels in both.
                 condition = condition.resize(image.size, resample=Image.Resampling.BILINEAR)

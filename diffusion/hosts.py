@@ -15,6 +15,9 @@ kohya's scripts do), and the presets below let a run add other layer groups by n
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from torch import nn
 
 from visionpeft.hosts import Host
@@ -52,6 +55,20 @@ def _enable_checkpointing(model: nn.Module) -> None:
             encoder.gradient_checkpointing_enable()
 
 
+def _export_lora(model: nn.Module, output_dir: Any, run: Any) -> None:
+    """The run's LoRA in diffusers' and kohya's formats, the kohya file with the run's ``ss_*`` metadata."""
+    from visionpeft.diffusion.lora_export import export_lora
+
+    metadata = {"ss_output_name": Path(output_dir).name}
+    config = run.config
+    if config is not None:
+        metadata["ss_sd_model_name"] = str(config.model.checkpoint or config.model.name)
+        resolution = getattr(config.data, "resolution", None)
+        if resolution is not None:
+            metadata["ss_resolution"] = f"({resolution}, {resolution})"
+    export_lora(model, output_dir, **metadata)
+
+
 STABLE_DIFFUSION = Host(
     family="diffusers.StableDiffusion",
     matches=is_stable_diffusion,
@@ -61,6 +78,7 @@ STABLE_DIFFUSION = Host(
     frozen_backbone_eval=True,
     target_presets=PRESETS,
     untrained=("vae",),
+    lora_export=_export_lora,
 )
 
 HOSTS = [STABLE_DIFFUSION]

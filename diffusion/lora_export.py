@@ -32,7 +32,7 @@ from torch import nn
 
 from visionpeft.diffusion import kohya
 from visionpeft.errors import AdapterError
-from visionpeft.files import atomic_write_bytes
+from visionpeft.files import atomic_write_bytes, read_safetensors_metadata
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -148,9 +148,9 @@ def from_model(model: nn.Module, adapter_name: str | None = None) -> LoraWeights
 
 def from_adapter_dir(directory: str | os.PathLike) -> LoraWeights:
     """The LoRA of a visionpeft adapter folder (``vp.save``) trained on a Stable Diffusion model."""
-    from visionpeft.files import read_adapter_config, read_adapter_tensors
+    from visionpeft.files import read_adapter
 
-    payload = read_adapter_config(directory)
+    payload, tensors = read_adapter(directory)
     if payload["method"] != "lora":
         raise AdapterError(f"{directory} holds a {payload['method']!r} adapter, not a LoRA")
     base = payload["base_model"]
@@ -165,7 +165,6 @@ def from_adapter_dir(directory: str | os.PathLike) -> LoraWeights:
                    and name.endswith("token_embedding.weight")), 768)
     version = "sdxl_base_v1-0" if is_sdxl else ("sd_v2" if hidden == 1024 else "sd_v1")
     config = payload["config"]
-    tensors = read_adapter_tensors(directory, payload)
     return from_tensors(tensors, int(config["r"]), float(config["alpha"]), is_sdxl=is_sdxl, version=version)
 
 
@@ -383,20 +382,14 @@ def read_lora_file(path: str | os.PathLike) -> LoraWeights:
             )
     if not path.is_file():
         raise AdapterError(f"{path} does not exist")
+    metadata = read_safetensors_metadata(path)
     try:
-        blob = path.read_bytes()
-        tensors = safetensors_load(blob)
-        metadata = _metadata(blob)
-    except Exception as err:  # safetensors raises its own error types for a damaged header
+        tensors = safetensors_load(path.read_bytes())
+    except Exception as err:  # safetensors raises its own error types for damaged data
         raise AdapterError(f"{path} is not a readable .safetensors file ({err})") from err
     if kohya.is_kohya_state_dict(list(tensors)):
         return from_kohya_state_dict(tensors, metadata)
     return from_diffusers_state_dict(tensors, metadata)
-
-
-def _metadata(blob: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + header_len]).get("__metadata__", {}) or {}
 
 
 def _file_path(path: str | os.PathLike, default_name: str) -> Path:

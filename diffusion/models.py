@@ -1,11 +1,13 @@
 """The Stable Diffusion model container: the trainable parts of a diffusers pipeline as one module.
 
 Every diffusion method adapts a :class:`StableDiffusionModel`: LoRA wraps the UNet's (and the text
-encoders') projections, textual inversion adds token rows to the text encoder(s), T2I-Adapter
-registers a ``t2i_adapter`` submodule whose features enter the UNet through
-``down_intrablock_additional_residuals``. The container encodes prompts as diffusers' pipelines do,
-so training sees the same conditioning as inference, and :meth:`StableDiffusionModel.to_pipeline`
-gives back a pipeline that shares these very modules.
+encoders') projections, textual inversion adds token rows to the text encoder(s). A method that
+feeds the UNet something of its own (a control network's residuals) does it through two hooks the
+container offers and never interprets: :meth:`StableDiffusionModel.register_unet_inputs` (extra UNet
+keyword arguments per forward) and :meth:`StableDiffusionModel.register_pipeline` (which diffusers
+pipeline :meth:`~StableDiffusionModel.to_pipeline` builds). The container knows no method. It
+encodes prompts as diffusers' pipelines do, so training sees the same conditioning as inference,
+and :meth:`StableDiffusionModel.to_pipeline` gives back a pipeline that shares these very modules.
 
 SD 1.x / 2.x and SDXL are supported; loading reads a diffusers folder, a hub id (from the local
 cache unless the hub is reachable) or a single ``.safetensors`` / ``.ckpt`` file.
@@ -15,17 +17,40 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from visionpeft.errors import ConfigError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-#: the attribute name a T2I-Adapter method registers its adapter under (``model.add_module``)
-T2I_ADAPTER_ATTR = "t2i_adapter"
+
+
+@dataclass(frozen=True)
+class UNetCall:
+    """What a UNet-input hook sees of one forward of :class:`StableDiffusionModel`.
+
+    ``condition`` is the batch's condition images (``(B, C, H, W)`` in [0, 1]) or ``None``;
+    ``dtype`` the UNet's. The hook returns extra keyword arguments for the UNet's forward.
+    """
+
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    condition: torch.Tensor | None
+    dtype: torch.dtype
+
+
+#: ``hook(call) -> {UNet keyword: value}``, see :meth:`StableDiffusionModel.register_unet_inputs`
+UNetInputHook = Callable[[UNetCall], dict[str, Any]]
+#: ``factory(components, is_sdxl) -> pipeline``, see :meth:`StableDiffusionModel.register_pipeline`
+PipelineFactory = Callable[[dict[str, Any], bool], Any]
 
 
 class StableDiffusionModel(nn.Module):
@@ -72,6 +97,9 @@ class StableDiffusionModel(nn.Module):
                 "load the full SDXL base pipeline (refiner-only checkpoints are not supported)"
             )
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        # OrderedDicts, as torch's own hook tables: RemovableHandle keeps a weak reference to them.
+        self._unet_input_hooks: OrderedDict[int, UNetInputHook] = OrderedDict()
+        self._pipeline_factories: OrderedDict[int, PipelineFactory] = OrderedDict()
         for frozen in (vae, text_encoder, text_encoder_2):
             if frozen is not None:
                 frozen.requires_grad_(False)
@@ -117,9 +145,33 @@ class StableDiffusionModel(nn.Module):
         """What the UNet predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (the scheduler's config)."""
         return self.noise_scheduler.config.prediction_type
 
-    def find_t2i_adapter(self) -> nn.Module | None:
-        """The attached T2I-Adapter (the ``t2i_adapter`` submodule the method registers), or ``None``."""
-        return self._modules.get(T2I_ADAPTER_ATTR)
+    # -- what methods add --
+
+    def register_unet_inputs(self, hook: UNetInputHook) -> RemovableHandle:
+        """Call ``hook`` on every forward and pass what it returns to the UNet as keyword arguments.
+
+        This is how a method feeds the UNet something of its own (a T2I-Adapter's
+        ``down_intrablock_additional_residuals``) without the container knowing the method. Hooks
+        run in registration order; ``handle.remove()`` unregisters (a method's ``detach``).
+        """
+        handle = RemovableHandle(self._unet_input_hooks)
+        self._unet_input_hooks[handle.id] = hook
+        return handle
+
+    def register_pipeline(self, factory: PipelineFactory) -> RemovableHandle:
+        """Build :meth:`to_pipeline`'s pipeline with ``factory(components, is_sdxl)`` while registered.
+
+        ``components`` are the keyword arguments every pipeline of the family takes (the shared
+        modules, and the family's safety-checker / watermark settings); a method whose inference
+        needs another pipeline class (an Adapter pipeline) adds its own module to them. One
+        factory at a time: a second is an error until the first is removed.
+        """
+        if self._pipeline_factories:
+            raise ConfigError("another method already chose this model's pipeline (e.g. a second control adapter); "
+                              "vp.detach it first")
+        handle = RemovableHandle(self._pipeline_factories)
+        self._pipeline_factories[handle.id] = factory
+        return handle
 
     # -- text --
 
@@ -185,10 +237,9 @@ class StableDiffusionModel(nn.Module):
         """The UNet's prediction (``.sample``) for noisy latents at ``timesteps`` under the prompts' ids.
 
         For SDXL, ``added_cond_kwargs`` entries that are not given are filled: ``text_embeds`` with
-        the pooled prompt embedding, ``time_ids`` from the latents' resolution (no crop). With a
-        ``t2i_adapter`` attached, ``condition`` (``(B, C, H, W)`` in [0, 1]) is required and the
-        adapter's features are passed as ``down_intrablock_additional_residuals``; the UNet pops
-        from that list, so it is a new one on every call.
+        the pooled prompt embedding, ``time_ids`` from the latents' resolution (no crop).
+        ``condition`` (``(B, C, H, W)`` in [0, 1]) goes to the hooks of
+        :meth:`register_unet_inputs`, which add their UNet arguments; without a hook it is unused.
         """
         dtype = self.unet.dtype
         hidden, pooled = self.encode_prompt(input_ids, input_ids_2)
@@ -204,20 +255,12 @@ class StableDiffusionModel(nn.Module):
             kwargs["added_cond_kwargs"] = {k: v.to(noisy_latents.device, dtype) for k, v in added.items()}
         elif added_cond_kwargs:
             kwargs["added_cond_kwargs"] = added_cond_kwargs
-        adapter = self.find_t2i_adapter()
-        if adapter is not None:
-            if condition is None:
-                raise ConfigError(
-                    "this model has a T2I-Adapter attached, so every forward needs condition= (the condition "
-                    "images as a (B, C, H, W) tensor in [0, 1]); the data must provide condition images"
-                )
-            adapter_dtype = next(adapter.parameters()).dtype
-            kwargs["down_intrablock_additional_residuals"] = [
-                r.to(dtype) for r in adapter(condition.to(noisy_latents.device, adapter_dtype))
-            ]
-        return self.unet(
-            noisy_latents.to(dtype), timesteps, encoder_hidden_states=hidden.to(dtype), **kwargs
-        ).sample
+        hidden = hidden.to(dtype)
+        if self._unet_input_hooks:
+            call = UNetCall(noisy_latents, timesteps, hidden, condition, dtype)
+            for hook in list(self._unet_input_hooks.values()):
+                kwargs.update(hook(call))
+        return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=hidden, **kwargs).sample
 
     # -- latents --
 
@@ -231,30 +274,28 @@ class StableDiffusionModel(nn.Module):
     def to_pipeline(self) -> Any:
         """A diffusers pipeline over these very modules (no copies), safety checker and progress bar off.
 
-        ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, or their Adapter pipelines when a
-        ``t2i_adapter`` is attached. Training changes made later show up in the pipeline.
+        ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, or what a method's factory
+        (:meth:`register_pipeline`) builds from the same components. Training changes made later
+        show up in the pipeline.
         """
         import diffusers
 
-        adapter = self.find_t2i_adapter()
         common: dict[str, Any] = {
             "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
-            "scheduler": self.scheduler,
+            "scheduler": self.scheduler, "feature_extractor": None,
         }
         if self.is_sdxl:
             common.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
-                          force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, feature_extractor=None,
-                          image_encoder=None)
-            if adapter is not None:
-                pipe = diffusers.StableDiffusionXLAdapterPipeline(adapter=adapter, **common)
-            else:
-                pipe = diffusers.StableDiffusionXLPipeline(add_watermarker=False, **common)
+                          force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, image_encoder=None)
         else:
-            common.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            if adapter is not None:
-                pipe = diffusers.StableDiffusionAdapterPipeline(adapter=adapter, **common)
-            else:
-                pipe = diffusers.StableDiffusionPipeline(image_encoder=None, **common)
+            common.update(safety_checker=None, requires_safety_checker=False)
+        factories = list(self._pipeline_factories.values())
+        if factories:
+            pipe = factories[0](common, self.is_sdxl)
+        elif self.is_sdxl:
+            pipe = diffusers.StableDiffusionXLPipeline(add_watermarker=False, **common)
+        else:
+            pipe = diffusers.StableDiffusionPipeline(image_encoder=None, **common)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

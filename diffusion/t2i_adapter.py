@@ -2,11 +2,13 @@
 
 A diffusers :class:`~diffusers.T2IAdapter` (``full_adapter``, ``light_adapter`` or
 ``full_adapter_xl``, the architectures of TencentARC's ``Adapter``, ``Adapter_light`` and
-``Adapter_XL``) is registered on the model as the submodule ``t2i_adapter``; the model's forward
-passes its per-level features to the UNet as ``down_intrablock_additional_residuals`` (a new list
-each call, since the UNet pops from it). The UNet, VAE and text encoders stay frozen: unlike
-diffusers' SDXL script (which leaves the UNet trainable, see diffusers#5403) only the adapter gets
-gradients, which the UNet passes through without needing its own.
+``Adapter_XL``) is registered on the model as the submodule ``t2i_adapter``; through the model's
+UNet-input hook the method passes its per-level features to the UNet as
+``down_intrablock_additional_residuals`` (a new list each call, since the UNet pops from it), and
+through its pipeline hook ``to_pipeline`` builds diffusers' Adapter pipelines. The UNet, VAE and
+text encoders stay frozen: unlike diffusers' SDXL script (which leaves the UNet trainable, see
+diffusers#5403) only the adapter gets gradients, which the UNet passes through without needing its
+own.
 
 The adapter's defaults are read from the UNet: ``channels`` from its ``block_out_channels`` and
 ``downscale_factor`` from the pixel size of its first residual (the VAE scale factor for SD: 8, and
@@ -21,21 +23,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from visionpeft import files
 from visionpeft.config import MethodConfig, field
 from visionpeft.diffusion.base import DiffusionMethod
 from visionpeft.errors import AdapterError, ConfigError, DataError
-from visionpeft.method import get_state
+from visionpeft.method import RunInfo, get_state
 
+#: the submodule the adapter is registered under, and the folder it is exported to
 ATTR = "t2i_adapter"
 EXPORT_DIR = "t2i_adapter"
+
+
+def find_t2i_adapter(model: nn.Module) -> nn.Module | None:
+    """The T2I-Adapter attached to ``model`` (its ``t2i_adapter`` submodule), or ``None``."""
+    return model._modules.get(ATTR)
 
 
 @dataclasses.dataclass
@@ -117,12 +124,12 @@ class T2IAdapterMethod(DiffusionMethod):
     mergeable = False
     freezes_base = True
     starts_as_identity = False
+    takes_conditions = True
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         super().__init__(config, adapter_name)
         self._handles: list[Any] = []
         self.adapter_kwargs: dict[str, Any] = {}
-
 
     def resolve(self, model: nn.Module) -> dict[str, Any]:
         """The ``T2IAdapter`` constructor arguments for ``model``, checked against its UNet.
@@ -166,7 +173,7 @@ class T2IAdapterMethod(DiffusionMethod):
     def attach(self, model: nn.Module) -> nn.Module:
         from diffusers import T2IAdapter
 
-        if model.find_t2i_adapter() is not None:
+        if find_t2i_adapter(model) is not None:
             raise AdapterError("a T2I-Adapter is already attached to this model; vp.detach it first (one per model)")
         self.adapter_kwargs = self.resolve(model)
         like = next(model.unet.parameters())
@@ -178,7 +185,35 @@ class T2IAdapterMethod(DiffusionMethod):
         if self.config.adapter_conditioning_scale != 1.0:
             self._handles.append(adapter.register_forward_hook(self._scale))
         model.add_module(ATTR, adapter)
+        self._handles.append(model.register_unet_inputs(lambda call: self._residuals(adapter, call)))
+        self._handles.append(model.register_pipeline(lambda parts, sdxl: self._pipeline(adapter, parts, sdxl)))
         return model
+
+    @staticmethod
+    def _residuals(adapter: nn.Module, call: Any) -> dict[str, Any]:
+        """The adapter's features for the UNet's down blocks, a new list per call (the UNet pops from it)."""
+        if call.condition is None:
+            raise ConfigError(
+                "this model has a T2I-Adapter attached, so every forward needs condition= (the condition "
+                "images as a (B, C, H, W) tensor in [0, 1]); the data must provide condition images"
+            )
+        adapter_dtype = next(adapter.parameters()).dtype
+        features = adapter(call.condition.to(call.noisy_latents.device, adapter_dtype))
+        return {"down_intrablock_additional_residuals": [f.to(call.dtype) for f in features]}
+
+    @staticmethod
+    def _pipeline(adapter: nn.Module, components: dict[str, Any], sdxl: bool) -> Any:
+        import diffusers
+
+        pipeline = diffusers.StableDiffusionXLAdapterPipeline if sdxl else diffusers.StableDiffusionAdapterPipeline
+        return pipeline(adapter=adapter, **components)
+
+    def condition_channels(self, model: nn.Module) -> int | None:
+        return self.adapter_kwargs.get("in_channels", self.config.in_channels)
+
+    def export(self, model: nn.Module, output_dir: str | os.PathLike, run: RunInfo) -> None:
+        """The adapter's ``save_pretrained`` folder, ``t2i_adapter/`` (see :func:`export_adapter`)."""
+        export_adapter(model, output_dir)
 
     def _check_condition(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
@@ -223,27 +258,14 @@ class T2IAdapterMethod(DiffusionMethod):
 def export_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
     """Save the attached T2I-Adapter with ``save_pretrained`` into ``output_dir / "t2i_adapter"``.
 
-    The folder (``config.json``, ``diffusion_pytorch_model.safetensors``) is written beside the old
-    one and swapped in by renames, so a crash leaves the previous export whole. Returns the folder.
+    The folder (``config.json``, ``diffusion_pytorch_model.safetensors``) is replaced whole
+    (:func:`visionpeft.files.replace_folder`), so a crash leaves the previous export intact.
+    Returns the folder.
     """
     state = get_state(model)
     if state is None or not any(isinstance(a.method, T2IAdapterMethod) for a in state.adapters.values()):
         raise AdapterError("no t2i_adapter is attached to this model; vp.attach(model, 't2i_adapter') first")
     adapter = model._modules[ATTR]
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / EXPORT_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=output_dir))
-    try:
-        adapter.save_pretrained(staging, safe_serialization=True)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.old.", dir=output_dir))
-            os.replace(target, old / EXPORT_DIR)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return files.replace_folder(
+        Path(output_dir) / EXPORT_DIR, lambda folder: adapter.save_pretrained(folder, safe_serialization=True)
+    )

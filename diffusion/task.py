@@ -26,37 +26,144 @@ T2I-Adapter, ``cache_latents``, ``skip_bad``; ``loss``: ``snr_gamma``, ``noise_o
 ``negative_prompt``, ``conditions`` (control images for the prompts, T2I-Adapter). Sample grids
 are written at every ``train.eval_every`` steps and at the end, into ``samples/``.
 
-At the end of the run :meth:`DiffusionTask.export` writes the files the tools load: a LoRA in
-diffusers (``pytorch_lora_weights.safetensors``) and kohya (``lora_kohya.safetensors``) format,
-textual-inversion embeddings, or the T2I-Adapter's ``save_pretrained`` folder.
+:class:`DiffusionData` declares every key with its default, type and bounds. At the end of the
+run each method writes the files the tools load (its ``export``): a LoRA in diffusers
+(``pytorch_lora_weights.safetensors``) and kohya (``lora_kohya.safetensors``) format,
+textual-inversion embeddings, or the T2I-Adapter's ``save_pretrained`` folder. The task names no
+method: a method that takes condition images says so (``takes_conditions``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 import visionpeft as vp
+from visionpeft.config import Section, field
 from visionpeft.errors import ConfigError
-from visionpeft.runconfig import check_section
-from visionpeft.task import Task
+from visionpeft.method import attached_methods
+from visionpeft.registry import get_method, list_methods
+from visionpeft.task import DataConfig, Task
 
 FORMATS = ("imagefolder", "dreambooth")
-DATA_KEYS: dict[str, tuple[type, ...]] = {
-    "resolution": (int,), "crop": (str,), "flip": (bool,), "caption_column": (str,), "caption_dropout": (float, int),
-    "instance_prompt": (str,), "class_root": (str,), "class_prompt": (str,), "condition_root": (str,),
-    "condition": (str,), "cache_latents": (bool,), "skip_bad": (bool,), "loss": (dict,), "sampling": (dict,),
-}
-LOSS_KEYS: dict[str, tuple[type, ...]] = {"snr_gamma": (float, int), "noise_offset": (float, int),
-                                          "prior_loss_weight": (float, int), "timestep_sampling": (str,)}
-SAMPLING_KEYS: dict[str, tuple[type, ...]] = {"prompts": (list,), "steps": (int,), "guidance": (float, int),
-                                              "seed": (int,), "negative_prompt": (str,), "conditions": (list,)}
 MODEL_KWARGS = ("torch_dtype", "variant", "config", "original_config", "sdxl", "revision")
+#: what a YAML user does about an unreadable image
+SKIP_HINT = "set data.skip_bad: true"
+
+
+@dataclasses.dataclass
+class LossOptions(Section):
+    """``data.loss``: the denoising loss."""
+
+    prefix = "data.loss."
+
+    snr_gamma: float | None = field(None, help="min-SNR weighting gamma (5.0 is the paper's); null: off", gt=0)
+    noise_offset: float = field(0.0, help="noise offset (0.05-0.1 for darker / brighter images)", ge=0)
+    prior_loss_weight: float = field(1.0, help="weight of the class images' loss (prior preservation)", ge=0)
+    timestep_sampling: Literal["uniform", "cubic"] = field(
+        "uniform", help="uniform, or cubic: the T2I-Adapter paper's (more early, noisy steps)"
+    )
+
+
+@dataclasses.dataclass
+class SamplingOptions(Section):
+    """``data.sampling``: the sample grids written at every evaluation."""
+
+    prefix = "data.sampling."
+
+    prompts: list[str] = field([], help="prompts to sample at each train.eval_every and at the end")
+    steps: int = field(25, help="inference steps", ge=1)
+    guidance: float = field(7.5, help="classifier-free guidance scale", ge=0)
+    seed: int = field(0, help="seed of the first prompt (the next prompts count up)", ge=0)
+    negative_prompt: str | None = field(None, help="the negative prompt")
+    conditions: list[str] | None = field(None, help="condition images, one per prompt (methods that take them)")
+
+
+@dataclasses.dataclass
+class DiffusionData(DataConfig):
+    """The ``data`` keys of the diffusion task."""
+
+    resolution: int = field(512, help="training resolution (a multiple of 8, and of the UNet's downsampling)", ge=1)
+    crop: Literal["center", "random"] = field("center", help="how images are cropped to the resolution")
+    flip: bool = field(False, help="random horizontal flips")
+    caption_column: str = field("text", help="the caption's column in metadata.jsonl")
+    caption_dropout: float = field(0.0, help="fraction of captions replaced by the empty prompt", ge=0, lt=1)
+    instance_prompt: str | None = field(None, help="one prompt for every image (DreamBooth)")
+    class_root: str | None = field(None, help="class images you provide, for prior preservation")
+    class_prompt: str | None = field(None, help="the class images' prompt, e.g. 'a photo of a dog'")
+    condition_root: str | None = field(None, help="condition images with the training images' relative names")
+    condition: str | None = field(None, help="a built-in condition extractor (canny, sketch)")
+    cache_latents: bool = field(False, help="encode every image once (needs crop: center and no flip)")
+    skip_bad: bool = field(False, help="drop unreadable images instead of stopping")
+    loss: LossOptions = field(LossOptions(), help="the loss")
+    sampling: SamplingOptions = field(SamplingOptions(), help="the sample grids")
+
+    @property
+    def kind(self) -> str:
+        """The format: ``data.format``, or ``dreambooth`` with an instance prompt, else ``imagefolder``."""
+        return self.format or ("dreambooth" if self.instance_prompt else "imagefolder")
+
+    def check(self) -> None:
+        if self.root is None:
+            raise ConfigError("data.root: missing; give the folder of training images")
+        for key in ("train_split", "eval_split"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"data.{key}: the diffusion task trains on data.root and samples "
+                                  "data.sampling.prompts; remove it")
+        if self.kind not in FORMATS:
+            raise ConfigError(f"data.format: {self.kind!r} is not supported; choose one of {list(FORMATS)}")
+        if self.kind == "dreambooth" and not self.instance_prompt:
+            raise ConfigError("data.instance_prompt: missing; format dreambooth trains every image on one prompt, "
+                              "e.g. 'a photo of sks dog'")
+        if self.kind == "imagefolder" and self.instance_prompt:
+            raise ConfigError("data.instance_prompt: format imagefolder reads captions from metadata.jsonl or .txt "
+                              "files; remove it or set data.format: dreambooth")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution: {self.resolution} must be a positive multiple of 8")
+        if bool(self.class_root) != bool(self.class_prompt):
+            raise ConfigError("data.class_root and data.class_prompt: prior preservation needs both (a folder of "
+                              "class images you provide, and their prompt, e.g. 'a photo of a dog')")
+        if self.class_root and not Path(self.class_root).is_dir():
+            raise ConfigError(
+                f"data.class_root: {self.class_root} does not exist; prior preservation needs class images you "
+                "generate beforehand (e.g. with the base pipeline and data.class_prompt): this task does not "
+                "generate them"
+            )
+        if self.cache_latents and (self.crop != "center" or self.flip):
+            raise ConfigError("data.cache_latents: latents are encoded once, so it needs data.crop: center and no "
+                              "data.flip")
+        if self.condition_root and self.condition:
+            raise ConfigError("data.condition_root and data.condition: give one (a folder of condition images, or a "
+                              "built-in extractor)")
+        if self.condition:
+            from visionpeft.diffusion.conditions import KINDS
+
+            if self.condition not in KINDS:
+                raise ConfigError(f"data.condition: {self.condition!r} is not a built-in extractor; choose one "
+                                  f"of {list(KINDS)} or give data.condition_root")
+        if self.has_conditions and self.class_root:
+            raise ConfigError("data.class_root: prior preservation does not combine with condition images")
+        conditions = self.sampling.conditions
+        if conditions is not None and len(conditions) != len(self.sampling.prompts):
+            raise ConfigError(f"data.sampling.conditions: {len(conditions)} images for {len(self.sampling.prompts)} "
+                              "prompts; give one per prompt")
+
+    @property
+    def has_conditions(self) -> bool:
+        """Whether the data gives condition images (a folder of them, or a built-in extractor)."""
+        return bool(self.condition_root or self.condition)
+
+
+def condition_methods() -> list[str]:
+    """The registered methods that train on condition images (``takes_conditions``)."""
+    return [m.name for m in list_methods() if getattr(get_method(m.name), "takes_conditions", False)]
+
 
 # diffusers' example scripts' defaults, selected with `train.recipe`; explicit train keys win. Their
 # 'constant' schedule has no warmup; AdamW weight decay 1e-2 and gradient clipping at 1.0 throughout.
@@ -76,6 +183,7 @@ class DiffusionTask(Task):
     """Denoising training of a Stable Diffusion adapter (LoRA, textual inversion, T2I-Adapter)."""
 
     name = "diffusion"
+    Data = DiffusionData
     recipes: ClassVar[dict[str, dict[str, Any]]] = RECIPES
 
     @classmethod
@@ -94,92 +202,22 @@ class DiffusionTask(Task):
             from visionpeft.diffusion.models import _dtype
 
             _dtype(model.kwargs["torch_dtype"])
-        data = run.data
-        if data.root is None:
-            raise ConfigError("data.root: missing; give the folder of training images")
-        for key in ("train_split", "eval_split"):
-            if getattr(data, key) is not None:
-                raise ConfigError(f"data.{key}: the diffusion task trains on data.root and samples "
-                                  "data.sampling.prompts; remove it")
-        options = check_section("data", data.options, DATA_KEYS, allow_null=True)
-        fmt = data.format or ("dreambooth" if options.get("instance_prompt") else "imagefolder")
-        if fmt not in FORMATS:
-            raise ConfigError(f"data.format: {fmt!r} is not supported; choose one of {list(FORMATS)}")
-        if fmt == "dreambooth" and not options.get("instance_prompt"):
-            raise ConfigError("data.instance_prompt: missing; format dreambooth trains every image on one prompt, "
-                              "e.g. 'a photo of sks dog'")
-        if fmt == "imagefolder" and options.get("instance_prompt"):
-            raise ConfigError("data.instance_prompt: format imagefolder reads captions from metadata.jsonl or .txt "
-                              "files; remove it or set data.format: dreambooth")
-        resolution = options.get("resolution", 512)
-        if resolution < 8 or resolution % 8:
-            raise ConfigError(f"data.resolution: {resolution} must be a positive multiple of 8")
-        if options.get("crop", "center") not in ("center", "random"):
-            raise ConfigError(f"data.crop: {options['crop']!r} is not allowed; choose 'center' or 'random'")
-        dropout = options.get("caption_dropout", 0.0)
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"data.caption_dropout: {dropout} must be in [0, 1)")
-        if bool(options.get("class_root")) != bool(options.get("class_prompt")):
-            raise ConfigError("data.class_root and data.class_prompt: prior preservation needs both (a folder of "
-                              "class images you provide, and their prompt, e.g. 'a photo of a dog')")
-        if options.get("class_root") and not Path(options["class_root"]).is_dir():
-            raise ConfigError(
-                f"data.class_root: {options['class_root']} does not exist; prior preservation needs class images you "
-                "generate beforehand (e.g. with the base pipeline and data.class_prompt): this task does not "
-                "generate them"
-            )
-        if options.get("cache_latents") and (options.get("crop", "center") != "center" or options.get("flip")):
-            raise ConfigError("data.cache_latents: latents are encoded once, so it needs data.crop: center and no "
-                              "data.flip")
-        is_t2i = run.method.get("name") == "t2i_adapter"
-        has_condition = bool(options.get("condition_root") or options.get("condition"))
-        if options.get("condition_root") and options.get("condition"):
-            raise ConfigError("data.condition_root and data.condition: give one (a folder of condition images, or a "
-                              "built-in extractor)")
-        if options.get("condition"):
-            from visionpeft.diffusion.conditions import KINDS
-
-            if options["condition"] not in KINDS:
-                raise ConfigError(f"data.condition: {options['condition']!r} is not a built-in extractor; choose one "
-                                  f"of {list(KINDS)} or give data.condition_root")
-        if is_t2i and not has_condition:
-            raise ConfigError("data.condition_root: t2i_adapter trains on condition images; give data.condition_root "
-                              "(paired files) or data.condition: canny|sketch")
-        if has_condition and not is_t2i:
-            raise ConfigError("data.condition: only the t2i_adapter method uses condition images; remove it")
-        if has_condition and options.get("class_root"):
-            raise ConfigError("data.class_root: prior preservation does not combine with T2I-Adapter conditions")
-        loss = check_section("data.loss", options.get("loss") or {}, LOSS_KEYS, allow_null=True)
-        if loss.get("snr_gamma") is not None and loss["snr_gamma"] <= 0:
-            raise ConfigError(f"data.loss.snr_gamma: {loss['snr_gamma']} must be > 0 (5.0 is the paper's)")
-        for key in ("noise_offset", "prior_loss_weight"):
-            if loss.get(key) is not None and loss[key] < 0:
-                raise ConfigError(f"data.loss.{key}: {loss[key]} must be >= 0")
-        from visionpeft.diffusion.loss import TIMESTEP_SAMPLING
-
-        if loss.get("timestep_sampling", "uniform") not in TIMESTEP_SAMPLING:
-            raise ConfigError(f"data.loss.timestep_sampling: {loss['timestep_sampling']!r}; choose one of "
-                              f"{list(TIMESTEP_SAMPLING)} (cubic: the T2I-Adapter paper's)")
-        sampling = check_section("data.sampling", options.get("sampling") or {}, SAMPLING_KEYS, allow_null=True)
-        prompts = sampling.get("prompts") or []
-        if not all(isinstance(p, str) for p in prompts):
-            raise ConfigError("data.sampling.prompts: expected a list of prompt strings")
-        if sampling.get("steps") is not None and sampling["steps"] < 1:
-            raise ConfigError("data.sampling.steps: must be >= 1")
-        conditions = sampling.get("conditions")
-        if conditions is not None:
-            if not is_t2i:
-                raise ConfigError("data.sampling.conditions: only t2i_adapter samples with condition images")
-            if len(conditions) != len(prompts):
-                raise ConfigError(f"data.sampling.conditions: {len(conditions)} images for {len(prompts)} prompts; "
-                                  "give one per prompt")
+        data, method = run.data, run.method.method
+        if getattr(get_method(method), "takes_conditions", False):
+            if not data.has_conditions:
+                raise ConfigError(f"data.condition_root: {method} trains on condition images; give "
+                                  "data.condition_root (paired files) or data.condition: canny|sketch")
+        else:
+            takers = " or ".join(condition_methods()) or "none installed"
+            if data.has_conditions:
+                raise ConfigError(f"data.condition: only the {takers} method uses condition images; remove it")
+            if data.sampling.conditions is not None:
+                raise ConfigError(f"data.sampling.conditions: only {takers} samples with condition images")
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
-        self.options = dict(run.data.options)
-        self.loss_options = dict(self.options.get("loss") or {})
-        self.sampling = dict(self.options.get("sampling") or {})
-        self.resolution = self.options.get("resolution", 512)
+        self.data: DiffusionData = run.data
+        self.resolution = self.data.resolution
         self._model: nn.Module | None = None
         self._train: Dataset | None = None
 
@@ -206,8 +244,7 @@ class DiffusionTask(Task):
                     f"training supports {list(PREDICTION_TYPES)}; use a checkpoint whose scheduler predicts one of "
                     "them (its scheduler/scheduler_config.json)"
                 )
-            method = {k: v for k, v in self.run.method.items() if k != "name"}
-            model = vp.attach(model, self.run.method["name"], **method)
+            model = vp.attach(model, self.run.method)
         self._model = model
         return model
 
@@ -224,34 +261,38 @@ class DiffusionTask(Task):
         if self._train is not None:
             return self._train
         sd = self._sd()
-        opts = self.options
-        root = Path(self.run.data.root)
-        records = data.read_records(root, instance_prompt=opts.get("instance_prompt"),
-                                    caption_column=opts.get("caption_column", "text"))
+        opts = self.data
+        root = Path(opts.root)
+        records = data.read_records(root, instance_prompt=opts.instance_prompt, caption_column=opts.caption_column)
         class_records = None
-        if opts.get("class_root"):
-            class_records = data.read_records(Path(opts["class_root"]), instance_prompt=opts["class_prompt"])
-        adapter = sd.find_t2i_adapter()
-        channels = adapter.config.in_channels if adapter is not None else 3
+        if opts.class_root:
+            class_records = data.read_records(Path(opts.class_root), instance_prompt=opts.class_prompt)
         dataset = data.SDImageDataset(
-            records, resolution=self.resolution, crop=opts.get("crop", "center"), flip=opts.get("flip", False),
-            caption_dropout=float(opts.get("caption_dropout", 0.0)), class_records=class_records,
-            condition_root=Path(opts["condition_root"]) if opts.get("condition_root") else None,
-            condition_kind=opts.get("condition"), condition_channels=channels, image_root=root,
-            skip_bad=opts.get("skip_bad", False), seed=self.run.train.seed,
+            records, resolution=self.resolution, crop=opts.crop, flip=opts.flip, caption_dropout=opts.caption_dropout,
+            class_records=class_records, condition_root=Path(opts.condition_root) if opts.condition_root else None,
+            condition_kind=opts.condition, condition_channels=self._condition_channels() or 3, image_root=root,
+            skip_bad=opts.skip_bad, skip_hint=SKIP_HINT, seed=self.run.train.seed,
         )
-        if opts.get("cache_latents"):
+        if opts.cache_latents:
             from visionpeft.diffusion.models import vae_posterior
 
             dataset.set_latent_cache(lambda pixels: vae_posterior(sd.vae, pixels).parameters)
         self._train = dataset
         return dataset
 
+    def _condition_channels(self) -> int | None:
+        """The channels of the condition images the attached method takes, or ``None``."""
+        for method in attached_methods(self._sd()):
+            channels = getattr(method, "condition_channels", lambda model: None)(self._sd())
+            if channels is not None:
+                return channels
+        return None
+
     def eval_dataset(self) -> Dataset | None:
         from visionpeft.diffusion.data import SamplePrompts
 
-        prompts = self.sampling.get("prompts") or []
-        return SamplePrompts(prompts, seed=self.sampling.get("seed", 0)) if prompts else None
+        sampling = self.data.sampling
+        return SamplePrompts(sampling.prompts, seed=sampling.seed) if sampling.prompts else None
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """A training batch (token ids from the model's current tokenizers) or a list of sample prompts."""
@@ -264,25 +305,20 @@ class DiffusionTask(Task):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         from visionpeft.diffusion.loss import diffusion_loss
 
-        opts = self.loss_options
-        return diffusion_loss(
-            model, batch, snr_gamma=opts.get("snr_gamma"), noise_offset=float(opts.get("noise_offset") or 0.0),
-            prior_loss_weight=float(opts.get("prior_loss_weight", 1.0) if opts.get("prior_loss_weight") is not None
-                                    else 1.0),
-            timestep_sampling=opts.get("timestep_sampling") or "uniform",
-        )
+        opts = self.data.loss
+        return diffusion_loss(model, batch, snr_gamma=opts.snr_gamma, noise_offset=opts.noise_offset,
+                              prior_loss_weight=opts.prior_loss_weight, timestep_sampling=opts.timestep_sampling)
 
     def _sample_conditions(self, indices: list[int]) -> list[Any] | None:
         from PIL import Image
 
         from visionpeft.diffusion.data import condition_to_mode, open_image
 
-        sd = self._sd()
-        if sd.find_t2i_adapter() is None:
+        channels = self._condition_channels()
+        if channels is None:
             return None
-        channels = sd.find_t2i_adapter().config.in_channels
         size = (self.resolution, self.resolution)
-        paths = self.sampling.get("conditions")
+        paths = self.data.sampling.conditions
         out = []
         for index in indices:
             if paths is not None:
@@ -310,28 +346,11 @@ class DiffusionTask(Task):
         if not prompts:
             return {}
         sd = getattr(model, "module", model)
+        sampling = self.data.sampling
         path = save_samples(
-            sd, prompts, seeds, self.run.output_dir, self.step, num_inference_steps=self.sampling.get("steps", 25),
-            guidance_scale=float(self.sampling.get("guidance", 7.5)), height=self.resolution, width=self.resolution,
-            negative_prompt=self.sampling.get("negative_prompt"), conditions=self._sample_conditions(indices),
+            sd, prompts, seeds, self.run.output_dir, self.step, num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance, height=self.resolution, width=self.resolution,
+            negative_prompt=sampling.negative_prompt, conditions=self._sample_conditions(indices),
         )
         return {"samples": len(prompts), "grid": str(Path(path).relative_to(self.run.output_dir))}
 
-    def export(self, model: nn.Module, output_dir: str | os.PathLike) -> None:
-        """Write the method's files for the tools: LoRA (diffusers + kohya), embeddings, or the adapter folder."""
-        method = self.run.method["name"]
-        sd = getattr(model, "module", model)
-        if method == "lora":
-            from visionpeft.diffusion.lora_export import export_lora
-
-            export_lora(sd, output_dir, ss_output_name=Path(output_dir).name,
-                        ss_sd_model_name=str(self.run.model.checkpoint or self.run.model.name),
-                        ss_resolution=f"({self.resolution}, {self.resolution})")
-        elif method == "textual_inversion":
-            from visionpeft.diffusion.textual_inversion import export_embeddings
-
-            export_embeddings(sd, output_dir, step=self.step or None)
-        elif method == "t2i_adapter":
-            from visionpeft.diffusion.t2i_adapter import export_adapter
-
-            export_adapter(sd, output_dir)

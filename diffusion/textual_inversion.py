@@ -36,7 +36,7 @@ from visionpeft.config import MethodConfig, field
 from visionpeft.diffusion.base import DiffusionMethod
 from visionpeft.errors import AdapterError, ConfigError
 from visionpeft.inject import Replacement, replace_module
-from visionpeft.method import get_state
+from visionpeft.method import RunInfo, get_state
 
 #: the model attributes of each text encoder and its tokenizer, and the key of its vectors
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -218,6 +218,14 @@ class TextualInversion(DiffusionMethod):
         """The placeholder's token ids in each tokenizer of ``model`` (``{"tokenizer": [519, 520]}``)."""
         return {attr: getattr(model, attr).convert_tokens_to_ids(self.tokens) for attr in self._tokenizers}
 
+    def export(self, model: nn.Module, output_dir: str | os.PathLike, run: RunInfo) -> None:
+        """The embedding files of diffusers, A1111 and ComfyUI (:func:`write_embeddings`); a subfolder per
+        adapter when several textual inversions are attached."""
+        folder = Path(output_dir)
+        if len(_ti_adapters(model)) > 1:
+            folder = folder / self.adapter_name
+        write_embeddings(self, folder, step=run.step or None)
+
     def vectors(self) -> dict[str, torch.Tensor]:
         """The learned vectors per text encoder, detached: ``{"text_encoder": [n, dim], ...}``."""
         return {attr: wrapper.rows.detach() for attr, wrapper in self._wrappers().items()}
@@ -234,32 +242,40 @@ def _ti_adapters(model: nn.Module) -> dict[str, TextualInversion]:
     return found
 
 
-def export_embeddings(model: nn.Module, output_dir: str | os.PathLike, step: int | None = None) -> list[Path]:
-    """Write the learned embeddings of every textual-inversion adapter of ``model``; return the files.
+def write_embeddings(method: TextualInversion, folder: str | os.PathLike, step: int | None = None) -> list[Path]:
+    """Write one textual-inversion adapter's learned embeddings into ``folder``; return the files.
 
     SD 1.x/2.x: ``learned_embeds.safetensors`` (diffusers), ``<stem>.pt`` (A1111) and
     ``<stem>.safetensors`` (``emb_params``: kohya, A1111, ComfyUI). SDXL: ``learned_embeds.safetensors``
     and ``learned_embeds_2.safetensors`` (diffusers, one per text encoder) and ``<stem>.safetensors``
     (``clip_l`` / ``clip_g``). ``<stem>`` is the placeholder as a file name (``<cat-toy>`` →
-    ``cat-toy``), the name A1111 and ComfyUI prompts use. With several adapters, each writes into
-    a subfolder named after it. ``step`` is recorded in the A1111 file.
+    ``cat-toy``), the name A1111 and ComfyUI prompts use. ``step`` is recorded in the A1111 file.
     """
     from visionpeft.diffusion import embedding_export as ex
 
+    folder = Path(folder)
+    vectors = method.vectors()
+    token = method.config.placeholder_token
+    stem = ex.file_stem(token)
+    written = [ex.write_diffusers(folder / ex.DIFFUSERS_NAME, token, vectors["text_encoder"])]
+    if "text_encoder_2" in vectors:
+        written.append(ex.write_diffusers(folder / ex.DIFFUSERS_NAME_2, token, vectors["text_encoder_2"]))
+        written.append(ex.write_sdxl(folder / f"{stem}.safetensors", vectors["text_encoder"],
+                                     vectors["text_encoder_2"]))
+    else:
+        written.append(ex.write_a1111_pt(folder / f"{stem}.pt", token, vectors["text_encoder"], step))
+        written.append(ex.write_emb_params(folder / f"{stem}.safetensors", vectors["text_encoder"]))
+    return written
+
+
+def export_embeddings(model: nn.Module, output_dir: str | os.PathLike, step: int | None = None) -> list[Path]:
+    """Write the learned embeddings of every textual-inversion adapter of ``model`` (:func:`write_embeddings`).
+
+    With several adapters, each writes into a subfolder named after it. Returns the files.
+    """
     adapters = _ti_adapters(model)
     output_dir = Path(output_dir)
     written: list[Path] = []
     for name, method in adapters.items():
-        folder = output_dir if len(adapters) == 1 else output_dir / name
-        vectors = method.vectors()
-        token = method.config.placeholder_token
-        stem = ex.file_stem(token)
-        written.append(ex.write_diffusers(folder / ex.DIFFUSERS_NAME, token, vectors["text_encoder"]))
-        if "text_encoder_2" in vectors:
-            written.append(ex.write_diffusers(folder / ex.DIFFUSERS_NAME_2, token, vectors["text_encoder_2"]))
-            written.append(ex.write_sdxl(folder / f"{stem}.safetensors", vectors["text_encoder"],
-                                         vectors["text_encoder_2"]))
-        else:
-            written.append(ex.write_a1111_pt(folder / f"{stem}.pt", token, vectors["text_encoder"], step))
-            written.append(ex.write_emb_params(folder / f"{stem}.safetensors", vectors["text_encoder"]))
+        written += write_embeddings(method, output_dir if len(adapters) == 1 else output_dir / name, step)
     return written

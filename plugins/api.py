@@ -231,7 +231,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     ``model`` is left as it was and :class:`~visionpeft.errors.AdapterMismatchError` says what
     differs. Returns the model to use, as :func:`attach` does.
     """
-    payload = files.read_adapter_config(directory)
+    payload, tensors = files.read_adapter(directory)
     state = get_state(model)
     base = state.base if state is not None else files.fingerprint(model)
     difference = files.explain_mismatch(payload["base_model"], base)
@@ -240,7 +240,6 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
             f"the adapter in {directory} was trained for another base model ({difference}); load it onto "
             f"the model it was trained with ({payload['base_model'].get('family')})"
         )
-    tensors = files.read_adapter_tensors(directory, payload)
     cfg = get_method(payload["method"]).Config.from_dict(payload["config"])
     adapter_name = name or payload["adapter_name"]
     adapted = attach(model, cfg, name=adapter_name)

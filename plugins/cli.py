@@ -5,7 +5,7 @@
     visionpeft methods [--domain vit]
     visionpeft train CONFIG.yaml [--set key.path=value ...] [--resume]
     visionpeft eval CONFIG.yaml [--adapter DIR] [--set key.path=value ...]
-    visionpeft demo [options passed to the demo]
+    visionpeft demo [NAME] [options passed to the demo]   # --list: the installed demos
     visionpeft export lora --adapter DIR --format kohya|diffusers [--output PATH]
 
 Errors in the user's input print one line saying what is wrong and exit with status 2 (1 when
@@ -26,6 +26,8 @@ from visionpeft._version import __version__
 from visionpeft.errors import ConfigError, VisionPeftError
 
 DEMO_ENTRY_POINT_GROUP = "visionpeft.demos"
+#: the demo that ``visionpeft demo`` runs without a name (an entry point that a domain declares)
+DEFAULT_DEMO = "default"
 #: converters of saved adapters into other tools' formats, declared by the domains: a function that
 #: takes the argument list after ``visionpeft export KIND`` and returns the exit status
 EXPORT_ENTRY_POINT_GROUP = "visionpeft.exports"
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the registered methods")
-    p.add_argument("--domain", choices=["core", "vit", "vla", "diffusion"], help="only this domain's methods")
+    p.add_argument("--domain", help="only this domain's methods (and the generic ones), e.g. vit")
 
     for name, help_text in (("train", "train an adapter from a run config"),
                             ("eval", "evaluate a saved adapter with a run config")):
@@ -59,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
             )
 
     # The demo parses its own options (visionpeft demo --help shows them).
-    sub.add_parser("demo", help="the main job on an embedded data set (CPU, a few minutes)", add_help=False)
+    sub.add_parser(
+        "demo", help="the main job on an embedded data set (CPU, minutes); demo NAME picks one, --list lists them",
+        add_help=False,
+    )
     # Each exporter parses its own options (visionpeft export lora --help shows them).
     p = sub.add_parser("export", help="convert a saved adapter into another tool's format", add_help=False)
     p.add_argument("kind", nargs="?", help="what to export, e.g. lora")
@@ -81,11 +86,10 @@ def _methods(domain: str | None) -> int:
 
 def _train(path: str, overrides: list[str], resume: bool) -> int:
     from visionpeft.runconfig import load_run_config
-    from visionpeft.task import get_task
     from visionpeft.train import Trainer
 
     run = load_run_config(path, overrides)
-    task = get_task(run.task)(run)
+    task = run.make_task()
     model = task.build_model()
     trainer = Trainer(task, run.train, run.output_dir, model=model, run_config=run.to_dict())
     metrics = trainer.fit(resume=resume)
@@ -95,11 +99,10 @@ def _train(path: str, overrides: list[str], resume: bool) -> int:
 
 def _eval(path: str, overrides: list[str], adapter: str | None) -> int:
     from visionpeft.runconfig import load_run_config
-    from visionpeft.task import get_task
     from visionpeft.train import Trainer
 
     run = load_run_config(path, overrides)
-    task = get_task(run.task)(run)
+    task = run.make_task()
     # The model first: the evaluation transform may depend on it (its normalisation statistics).
     model = task.build_model(adapter=adapter)
     if task.eval_dataset() is None:
@@ -109,17 +112,55 @@ def _eval(path: str, overrides: list[str], adapter: str | None) -> int:
     return 0
 
 
+def _demos() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=DEMO_ENTRY_POINT_GROUP)}
+
+
+def _list_demos(demos: dict[str, importlib.metadata.EntryPoint]) -> None:
+    default = demos.get(DEFAULT_DEMO)
+    for name, ep in sorted(demos.items()):
+        if name == DEFAULT_DEMO:
+            continue
+        mark = " (the default)" if default is not None and default.value == ep.value else ""
+        print(f"visionpeft demo {name}{mark}")
+
+
 def _demo(args: Sequence[str]) -> int:
-    demos = list(importlib.metadata.entry_points(group=DEMO_ENTRY_POINT_GROUP))
+    """Run a registered demo: ``visionpeft demo [NAME] [options]``; ``--list`` lists them.
+
+    Demos are entry points of the group ``visionpeft.demos``, declared by the domain packages; the
+    one declared under the name ``default`` runs when no name is given.
+    """
+    demos = _demos()
+    args = list(args)
     if not demos:
         print(
-            "No demo is installed: the embedded demo comes with the vit domain (visionpeft.vit), which "
-            "this installation does not provide yet.",
+            f"error: no demo is installed (demos are entry points of the group {DEMO_ENTRY_POINT_GROUP!r}, declared by "
+            "the domain packages); pip install 'visionpeft[all]'",
             file=sys.stderr,
         )
         return 1
-    demo = demos[0].load()
-    return int(demo(list(args)) or 0)
+    if args[:1] == ["--list"]:
+        _list_demos(demos)
+        return 0
+    if args and not args[0].startswith("-"):
+        name, args = args[0], args[1:]
+        if name not in demos:
+            print(f"error: no demo {name!r}; installed: {', '.join(n for n in sorted(demos) if n != DEFAULT_DEMO)}",
+                  file=sys.stderr)
+            return 2
+    elif DEFAULT_DEMO in demos or len(demos) == 1:
+        name = DEFAULT_DEMO if DEFAULT_DEMO in demos else next(iter(demos))
+    else:
+        print("error: several demos are installed and none is the default; choose one:", file=sys.stderr)
+        _list_demos(demos)
+        return 2
+    try:
+        demo = demos[name].load()
+    except ImportError as err:
+        raise ConfigError(f"the demo {name!r} needs libraries that are not installed ({err}); "
+                          "pip install 'visionpeft[all]'") from err
+    return int(demo(args) or 0)
 
 
 def _export(kind: str | None, args: Sequence[str]) -> int:

@@ -1,9 +1,11 @@
 """Typed, validated configs with a JSON round trip.
 
-A method's hyper-parameters are a dataclass deriving from :class:`MethodConfig`. Field types come
-from the annotations; ranges come from field metadata (``ge``, ``gt``, ``le``, ``lt``), so a bad
-value fails on construction with a :class:`~visionpeft.errors.ConfigError` that names the field and
-what it accepts. The same checker validates the sections of a run config.
+A method's hyper-parameters are a dataclass deriving from :class:`MethodConfig`; a run config's
+sections (a domain's ``data`` keys, nested ``data.loss``) derive from :class:`Section`. Field types
+come from the annotations; ranges come from field metadata (``ge``, ``gt``, ``le``, ``lt``), and a
+key that only makes sense for some values of another (``num_frames`` for ``format: video``) says so
+with ``only_for``. A bad value fails on construction with a :class:`~visionpeft.errors.ConfigError`
+that names the key's path and what it accepts. Both kinds go through :func:`build_dataclass`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ def check_value(value: Any, annotation: Any, path: str) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         items = [check_value(v, args[0], f"{path}[{i}]") if args else v for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        return build_dataclass(annotation, value, f"{path}.")
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
@@ -130,25 +136,127 @@ def validate_fields(obj: Any, prefix: str = "") -> None:
         object.__setattr__(obj, f.name, value)
 
 
+def _applies(f: dataclasses.Field, data: typing.Mapping[str, Any], defaults: typing.Mapping[str, Any]) -> bool:
+    """Whether field ``f`` may be given, by its ``only_for`` metadata and the other keys' values."""
+    for other, allowed in f.metadata.get("only_for", {}).items():
+        if data.get(other, defaults.get(other)) not in allowed:
+            return False
+    return True
+
+
 def build_dataclass(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError` naming them.
+
+    A field with ``only_for={"format": ("video",)}`` metadata is an unknown key unless ``format``
+    (given, or its default) is one of those values; for such a dataclass the error says for which
+    ``format`` the keys were refused and lists the keys that value allows.
+    """
+    where = prefix.rstrip(".") or cls.__name__
     if not isinstance(data, typing.Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    allowed = [f.name for f in fields if _applies(f, data, defaults)]
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        where = prefix.rstrip(".") or cls.__name__
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {names}")
+        conditions = sorted({k for f in fields for k in f.metadata.get("only_for", {})})
+        context = "".join(f" for {k} {data.get(k, defaults.get(k))!r}" for k in conditions)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{context}; allowed keys are {allowed}")
     return cls(**data)
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "", **bounds: Any) -> Any:
-    """A dataclass field with a help text and optional ``ge``/``gt``/``le``/``lt`` bounds."""
-    meta = {"help": help, **bounds}
+def field(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    only_for: typing.Mapping[str, typing.Iterable[Any]] | None = None,
+    **bounds: Any,
+) -> Any:
+    """A dataclass field with a help text, optional ``ge``/``gt``/``le``/``lt`` bounds and ``only_for``.
+
+    ``only_for={"format": ("video",)}``: the key may only be given when ``format`` is ``"video"``
+    (see :func:`build_dataclass`). Mutable defaults (lists, dicts, nested sections) are copied for
+    every instance.
+    """
+    meta: dict[str, Any] = {"help": help, **bounds}
+    if only_for:
+        meta["only_for"] = {k: tuple(v) for k, v in only_for.items()}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        section = default
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(section), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain YAML / JSON data: nested dataclasses as mappings, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass
+class Section:
+    """Base class of a run-config section that a domain declares (its ``data`` keys, ``data.loss``).
+
+    Subclasses are dataclasses whose fields carry the defaults, types and bounds; ``prefix`` is the
+    section's key path with a trailing dot (``"data."``), so that errors name ``data.image_size``.
+    Validation runs on construction; override :meth:`check` for rules that involve several keys.
+    """
+
+    prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        validate_fields(self, self.prefix)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-key validation; raise :class:`ConfigError` naming the keys involved."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as plain data (nested sections as mappings), without keys that do not apply.
+
+        A key whose ``only_for`` condition the other keys do not meet is left out, so the result
+        parses back into an equal section.
+        """
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            f.name: plain(given[f.name]) for f in dataclasses.fields(self) if f.init and _applies(f, given, {})
+        }
+
+
+def offer(config: Any, **values: Any) -> Any:
+    """``config`` with each of ``values`` set whose field it declares and left at its default.
+
+    This is how a task hands a method what only the task knows (the data set's class names, the
+    model's tokenizer): a method that wants a value declares a config field of that name, and a
+    value the user set explicitly is kept. The result is a new, validated config; ``config`` is
+    unchanged.
+    """
+    updates = {}
+    for f in dataclasses.fields(config):
+        if f.name not in values:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if getattr(config, f.name) == default:
+            updates[f.name] = values[f.name]
+    return dataclasses.replace(config, **updates) if updates else config
+
+
+def declares(config_cls: type, name: str) -> bool:
+    """Whether the config dataclass ``config_cls`` has a field ``name`` (what a method takes from a task)."""
+    return any(f.name == name for f in dataclasses.fields(config_cls))
 
 
 @dataclasses.dataclass

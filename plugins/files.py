@@ -13,19 +13,21 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from visionpeft._version import __version__
-from visionpeft.errors import AdapterMismatchError
+from visionpeft.errors import AdapterError, AdapterMismatchError
 from visionpeft.hosts import model_family
 
 logger = logging.getLogger("visionpeft")
@@ -124,7 +126,7 @@ def write_adapter(
     The weights file also carries the config in its metadata, and the JSON config records the
     weights' SHA-256. The weights are written first: if a crash comes between the two writes, the
     folder holds the new, self-describing weights beside the old JSON, and
-    :func:`read_adapter_config` loads the new adapter from the weights' own copy of the config.
+    :func:`read_adapter` loads the new adapter from the weights' own copy of the config.
     """
     directory = Path(directory)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -144,39 +146,44 @@ def write_adapter(
     return directory
 
 
-def _embedded_config(weights: Path) -> dict[str, Any] | None:
-    """The config a weights file carries in its metadata, with its checksum, or ``None``."""
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` file's header (empty if it has none).
+
+    Only the header is read. A file that is missing or not safetensors raises
+    :class:`~visionpeft.errors.AdapterError` naming it.
+    """
     try:
-        blob = weights.read_bytes()
-        header_len = int.from_bytes(blob[:8], "little")
-        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
-        payload = json.loads(metadata[EMBEDDED_CONFIG_KEY])
-    except (OSError, ValueError, KeyError, TypeError):
+        with safe_open(os.fspath(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (OSError, SafetensorError) as err:
+        raise AdapterError(f"{path} is not a readable .safetensors file ({err})") from err
+
+
+def _embedded_config(weights: Path, sha256: str) -> dict[str, Any] | None:
+    """The config a weights file (of checksum ``sha256``) carries in its metadata, or ``None``."""
+    try:
+        payload = json.loads(read_safetensors_metadata(weights)[EMBEDDED_CONFIG_KEY])
+    except (AdapterError, KeyError, ValueError):
         return None
-    payload["weights"] = {"file": weights.name, "sha256": hashlib.sha256(blob).hexdigest(), "num_tensors": None}
+    if not isinstance(payload, dict):
+        return None
+    payload["weights"] = {"file": weights.name, "sha256": sha256, "num_tensors": None}
     return payload
 
 
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``adapter_config.json``; errors say what is wrong with the folder.
-
-    When the JSON does not describe the weights file beside it (a save interrupted between its
-    two writes), the config the weights file carries is used instead, with a warning.
-    """
-    directory = Path(directory)
-    path = directory / CONFIG_NAME
+def _read_weights(path: Path) -> tuple[bytes, str] | None:
+    """The bytes of a weights file and their SHA-256, or ``None`` when it is missing: the one read of a load."""
     if not path.is_file():
-        raise AdapterMismatchError(
-            f"{directory} is not a visionpeft adapter folder: {CONFIG_NAME} is missing (vp.save writes it)"
-        )
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AdapterMismatchError(f"{path} is not valid JSON ({err}); the file is damaged") from err
-    recorded = payload.get("weights", {})
-    weights = directory / recorded.get("file", WEIGHTS_NAME)
-    if weights.is_file() and recorded.get("sha256") != hashlib.sha256(weights.read_bytes()).hexdigest():
-        embedded = _embedded_config(weights)
+        return None
+    blob = path.read_bytes()
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
+def _checked_config(path: Path, payload: dict[str, Any], weights: Path, sha256: str | None) -> dict[str, Any]:
+    """The config of an adapter folder, from the JSON at ``path`` or, if the JSON does not describe the
+    weights (a save interrupted between its two writes), from the weights' metadata (with a warning)."""
+    if sha256 is not None and payload.get("weights", {}).get("sha256") != sha256:
+        embedded = _embedded_config(weights, sha256)
         if embedded is not None:
             logger.warning(
                 "%s does not describe %s (a save was interrupted between its two writes?); using the config "
@@ -195,15 +202,122 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def read_adapter_tensors(directory: str | os.PathLike, payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Read ``adapter.safetensors`` after checking it is the file the config was written with."""
-    path = Path(directory) / payload["weights"]["file"]
-    if not path.is_file():
+def _checked_tensors(path: Path, payload: Mapping[str, Any], weights: tuple[bytes, str] | None
+                     ) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file read from ``path``, after checking it is the one ``payload`` describes."""
+    if weights is None:
         raise AdapterMismatchError(f"{path} is missing; the adapter folder is incomplete")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != payload["weights"]["sha256"]:
+    blob, sha256 = weights
+    if sha256 != payload["weights"]["sha256"]:
         raise AdapterMismatchError(
             f"{path} does not match the checksum recorded in {CONFIG_NAME}: the save was interrupted "
             "or the file was changed. Save the adapter again or restore both files together."
         )
     return safetensors_load(blob)
+
+
+def _open_adapter(directory: Path) -> tuple[dict[str, Any], Path, tuple[bytes, str] | None]:
+    """The checked config of an adapter folder, its weights file, and that file's bytes and checksum."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterMismatchError(
+            f"{directory} is not a visionpeft adapter folder: {CONFIG_NAME} is missing (vp.save writes it)"
+        )
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AdapterMismatchError(f"{path} is not valid JSON ({err}); the file is damaged") from err
+    weights = directory / payload.get("weights", {}).get("file", WEIGHTS_NAME)
+    read = _read_weights(weights)
+    return _checked_config(path, payload, weights, read[1] if read is not None else None), weights, read
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked config and the tensors of an adapter folder; errors say what is wrong with the folder.
+
+    The weights file is read and hashed once, for both. When the JSON does not describe the
+    weights beside it (a save interrupted between its two writes), the config the weights file
+    carries is used instead, with a warning; weights that match neither raise the checksum error.
+    """
+    payload, weights, read = _open_adapter(Path(directory))
+    return payload, _checked_tensors(weights, payload, read)
+
+
+_STAGING_PREFIX = ".tmp-new-"
+_PREVIOUS_PREFIX = ".tmp-old-"
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk (folders only where the OS can open them)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_folder(Path(folder))
+
+
+def _fsync_folder(path: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _recover(parent: Path, names: set[str] | None = None) -> None:
+    """Clean up what interrupted :func:`replace_folder` calls left in ``parent`` (only ``names``, if given).
+
+    A half-written new folder is deleted. A previous copy is put back when its folder is missing
+    (the crash came between the two renames, so it is the last whole copy), else deleted.
+    """
+    for path in sorted(parent.glob(".tmp-*")):
+        if names is not None and path.name not in names:
+            continue
+        if path.name.startswith(_PREVIOUS_PREFIX):
+            target = parent / path.name[len(_PREVIOUS_PREFIX) :]
+            if not target.exists():
+                os.rename(path, target)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def replace_folder(target: str | os.PathLike, write: Callable[[Path], None], *, sweep: bool = False) -> Path:
+    """Fill a new folder with ``write`` and put it at ``target`` whole; returns ``target``.
+
+    Readers see the old folder or the new one, never a part: ``write`` fills an empty sibling,
+    ``.tmp-new-<name>``, whose files are then flushed to disk, and a rename moves it into place.
+    A rename within one file system is atomic, but no portable call swaps two non-empty folders,
+    so an existing ``target`` is first renamed to ``.tmp-old-<name>`` and deleted only after the
+    new folder is in place: at every moment one whole copy exists under one of the two names. The
+    parent folder is flushed last, so the renames survive a power cut.
+
+    If ``write`` or a rename fails, the new folder is deleted and ``target`` is left as it was.
+    Leftovers of an earlier crash beside ``target`` are cleaned up first (a previous copy is put
+    back if ``target`` is missing); with ``sweep``, every leftover in the parent folder is, for a
+    folder that holds only folders written this way (checkpoints).
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f"{_STAGING_PREFIX}{target.name}"
+    previous = parent / f"{_PREVIOUS_PREFIX}{target.name}"
+    _recover(parent, None if sweep else {staging.name, previous.name})
+    staging.mkdir()
+    try:
+        write(staging)
+        _fsync_tree(staging)
+        if target.exists():
+            os.rename(target, previous)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            if previous.exists() and not target.exists():
+                os.rename(previous, target)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    _fsync_folder(parent)
+    return target

@@ -13,10 +13,11 @@ import importlib.metadata
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
-from visionpeft.errors import RegistryError
+from visionpeft.errors import RegistryError, TrainingError
 
 ENTRY_POINT_GROUP = "visionpeft.hosts"
 
@@ -46,6 +47,10 @@ class Host:
         untrained: qualified names of submodules that only ever run without gradients (Stable
             Diffusion's VAE encodes latents under ``no_grad``); generic methods leave their
             tensors alone, which would otherwise be trained tensors that never get a gradient.
+        lora_export: ``lora_export(model, output_dir, run)`` writes a trained LoRA of this family
+            in the formats its users' tools load (kohya's for Stable Diffusion); the generic
+            ``lora`` method's :meth:`~visionpeft.method.Method.export` calls it. ``run`` is a
+            :class:`~visionpeft.method.RunInfo`.
     """
 
     family: str
@@ -56,6 +61,7 @@ class Host:
     frozen_backbone_eval: bool = False
     target_presets: Mapping[str, Sequence[str]] = field(default_factory=dict)
     untrained: Sequence[str] = ()
+    lora_export: Callable[[nn.Module, Any, Any], None] | None = None
 
 
 def register_host(host: Host) -> Host:
@@ -118,3 +124,27 @@ def model_family(model: nn.Module) -> str:
         return host.family
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation checkpointing in ``model``, through its host or the backbone library's own switch.
+
+    The host is asked first (it knows its family's switch); else the model's timm
+    (``set_grad_checkpointing``), diffusers (``enable_gradient_checkpointing``) or transformers
+    (``gradient_checkpointing_enable``) method is called. Raises :class:`TrainingError` when the
+    model has none.
+    """
+    host = find_host(model)
+    if host is not None and host.enable_gradient_checkpointing is not None:
+        host.enable_gradient_checkpointing(model)
+        return
+    for attr in ("set_grad_checkpointing", "enable_gradient_checkpointing", "gradient_checkpointing_enable"):
+        hook = getattr(model, attr, None)
+        if callable(hook):
+            hook()
+            return
+    raise TrainingError(
+        f"train.gradient_checkpointing: the backbone {type(model).__qualname__} offers none (its host has "
+        "no enable_gradient_checkpointing and the model no set_grad_checkpointing / "
+        "enable_gradient_checkpointing); set train.gradient_checkpointing: false"
+    )

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from PIL import Image, ImageOps
 
 from visionpeft.errors import DataError
 
-#: what to do about a bad image, for the readers that can skip them
+logger = logging.getLogger("visionpeft")
+
+#: the file extensions (lower case) that the readers take for images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+#: what to do about a bad image, for the readers that can skip them (run-config tasks pass their own)
 SKIP_HINT = "pass skip_bad=True"
+
+Item = TypeVar("Item")
 
 
 def bad_image_message(path: str | os.PathLike, reason: str, hint: str = SKIP_HINT) -> str:
@@ -56,3 +66,56 @@ def image_problem(path: str | os.PathLike) -> str | None:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def drop_bad(
+    items: Sequence[Item],
+    path_of: Callable[[Item], Any],
+    problem: Callable[[Item], str | None],
+    *,
+    source: Any,
+    what: str = "unreadable image(s)",
+) -> tuple[list[Item], list[Any]]:
+    """The items for which ``problem`` finds nothing wrong, and the paths of the others.
+
+    Each dropped item is logged (debug) with its reason, and one warning counts them and names
+    the first, so a run that lost part of its data says so once instead of once per file.
+    """
+    kept, dropped = [], []
+    for item in items:
+        reason = problem(item)
+        if reason is None:
+            kept.append(item)
+        else:
+            dropped.append(path_of(item))
+            logger.debug("skipping %s: %s", path_of(item), reason)
+    if dropped:
+        logger.warning("skipped %d of %d %s in %s (first: %s)", len(dropped), len(items), what, source, dropped[0])
+    return kept, dropped
+
+
+def check_images(
+    items: Sequence[Item],
+    path_of: Callable[[Item], str | os.PathLike],
+    *,
+    skip_bad: bool,
+    source: Any,
+    hint: str = SKIP_HINT,
+    problem: Callable[[Item], str | None] | None = None,
+) -> tuple[list[Item], list[Any]]:
+    """The items of a data set whose image is usable, and the paths of the dropped ones.
+
+    With ``skip_bad`` every image is opened and decoded once up front (:func:`image_problem`, or
+    ``problem`` for readers that check more than the image) and the bad items are dropped
+    (:func:`drop_bad`). Otherwise only the files' existence is checked: a stat per file is cheap
+    and turns a crash hours into training into an error at the start, a
+    :class:`~visionpeft.errors.DataError` naming the first missing file with ``hint``; an image
+    that does not decode raises when it is read.
+    """
+    if skip_bad:
+        return drop_bad(items, path_of, problem or (lambda item: image_problem(path_of(item))), source=source)
+    missing = [path_of(item) for item in items if not os.path.isfile(path_of(item))]
+    if missing:
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise DataError(bad_image_message(missing[0], "no such file", hint) + more)
+    return list(items), []

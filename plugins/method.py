@@ -5,10 +5,18 @@ implements :meth:`Method.attach`, :meth:`Method.detach` and :meth:`Method.traine
 instance is created per attached adapter and keeps what it needs to undo its changes. The
 freezing policy, the bookkeeping of several adapters, saving and loading are done once, in
 :mod:`visionpeft.api`, for every method.
+
+Tasks and the trainer never ask which method they run; they ask the method through a few hooks
+whose defaults do nothing: :meth:`Method.check_run` (refuse a run setting the method cannot use),
+:meth:`Method.no_weight_decay` (trained tensors that get no weight decay), :meth:`Method.export`
+(the files its users' tools read) and :meth:`Method.train_modules`. What a method needs from a
+task it declares as fields of its ``Config``: a task offers values (CLIP's class names, say) to
+every config that has a field of that name (:func:`visionpeft.config.offer`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -111,6 +119,31 @@ class Method:
             for k, t in live.items():
                 t.copy_(tensors[k])
 
+    @classmethod
+    def check_run(cls, config: MethodConfig, run: Any) -> None:
+        """Refuse settings of the run config ``run`` that this method cannot train with.
+
+        Called after the task has checked its own keys, before any model is built; raise
+        :class:`~visionpeft.errors.ConfigError` naming the run-config key (``method.csc``,
+        ``data.setting``) and what to do. The default accepts every run.
+        """
+
+    def no_weight_decay(self, model: nn.Module) -> set[str]:
+        """Qualified names (in ``model``) of trained tensors that get no weight decay.
+
+        timm's convention: the trainer decays every trained tensor of two or more dimensions
+        except these (and everything when the recipe decays all, as Dassl's does). The default
+        names none, as most original implementations decay every weight matrix.
+        """
+        return set()
+
+    def export(self, model: nn.Module, output_dir: str | os.PathLike, run: RunInfo) -> None:
+        """Write, into ``output_dir``, the files this method's users load in their own tools.
+
+        Called by the trainer at the end of a run (beside ``adapter/``, which every method gets)
+        and by ``visionpeft export``. The default writes nothing.
+        """
+
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
         """The modules that train while the rest of the model stays in eval mode, or ``None``.
 
@@ -119,6 +152,18 @@ class Method:
         dropout or drop-path) return their own modules here; see :func:`set_train_mode`.
         """
         return None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What an export may record of the run that trained the adapter.
+
+    ``config`` is the validated :class:`~visionpeft.runconfig.RunConfig` (``None`` outside a run
+    config) and ``step`` the optimizer step the weights come from.
+    """
+
+    config: Any = None
+    step: int = 0
 
 
 @dataclass
@@ -158,6 +203,12 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
     model.eval()
     for module in modules:
         module.train()
+
+
+def attached_methods(model: nn.Module) -> list[Method]:
+    """The method instances attached to ``model``, oldest first (empty when none is)."""
+    state = get_state(model)
+    return [a.method for a in state.adapters.values()] if state is not None else []
 
 
 def get_state(model: nn.Module) -> AdapterState | None:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from visionpeft.method import Method
 
 ENTRY_POINT_GROUP = "visionpeft.methods"
-DOMAINS = ("core", "vit", "vla", "diffusion")
+#: the domain of generic methods, which adapt models of every domain
+CORE_DOMAIN = "core"
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*[a-z0-9]")
 
 _methods: dict[str, type[Method]] = {}
@@ -57,8 +58,12 @@ def _validate(cls: type) -> None:
     config = getattr(cls, "Config", None)
     if not (isinstance(config, type) and issubclass(config, MethodConfig)):
         raise RegistryError(f"method {name!r} ({cls.__qualname__}) has no Config dataclass deriving MethodConfig")
-    if getattr(cls, "domain", None) not in DOMAINS:
-        raise RegistryError(f"method {name!r}: domain {getattr(cls, 'domain', None)!r} is not one of {DOMAINS}")
+    domain = getattr(cls, "domain", None)
+    if not isinstance(domain, str) or not _NAME_RE.fullmatch(domain):
+        raise RegistryError(
+            f"method {name!r}: domain {domain!r} must name the method's domain in lower case ({CORE_DOMAIN!r} for "
+            "generic methods, else the domain package's name, e.g. 'vit')"
+        )
     if not getattr(cls, "description", ""):
         raise RegistryError(f"method {name!r}: give the class a one-line `description`")
 
@@ -76,6 +81,13 @@ def register_method(cls: type[Method]) -> type[Method]:
             raise RegistryError(
                 f"method {cls.name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
                 f"{cls.__module__}.{cls.__qualname__} must use another name"
+            )
+        owner = cls.Config.__dict__.get("method")
+        if owner and owner != cls.name and owner in _methods and _methods[owner] is not cls:
+            # The config records its method's name, so a shared Config would build the wrong method.
+            raise RegistryError(
+                f"method {cls.name!r}: its Config {cls.Config.__qualname__} is already the config of method "
+                f"{owner!r}; give each method its own Config (a subclass will do)"
             )
         cls.Config.method = cls.name
         _methods[cls.name] = cls
@@ -150,13 +162,21 @@ def list_methods(domain: str | None = None) -> list[MethodInfo]:
     Generic methods (domain ``"core"``) adapt models of every domain, so they are listed with
     each domain as well.
     """
-    if domain is not None and domain not in DOMAINS:
-        raise UnknownMethodError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
     _ensure_entry_points()
     with _lock:
         classes = sorted(_methods.values(), key=lambda c: c.name)
+    if domain is not None and domain not in list_domains():
+        raise UnknownMethodError(f"unknown domain {domain!r}; the installed methods' domains are {list_domains()}")
     return [
         MethodInfo(c.name, c.domain, c.description, c.mergeable)
         for c in classes
         if domain is None or c.domain in (domain, "core")
     ]
+
+
+def list_domains() -> list[str]:
+    """The domains of the registered methods (``core`` first), read from the methods themselves."""
+    _ensure_entry_points()
+    with _lock:
+        domains = {c.domain for c in _methods.values()}
+    return [CORE_DOMAIN, *sorted(domains - {CORE_DOMAIN})]

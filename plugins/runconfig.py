@@ -1,8 +1,10 @@
 """Run configs: the YAML file behind ``visionpeft train`` and ``visionpeft eval``.
 
-Sections: ``task`` (``vit``, ``vla`` or ``diffusion``), ``model``, ``method``, ``data``, ``train``
-and ``output_dir``. Everything is validated at once, before any model is built: a wrong key or
-value raises :class:`~visionpeft.errors.ConfigError` with the key's path and what is allowed.
+Sections: ``task`` (a registered task: ``vit``, ``vla``, ``diffusion``, ...), ``model``,
+``method``, ``data``, ``train`` and ``output_dir``. Everything is validated at once, before any
+model is built, and through one path: the method's keys by its ``Config`` dataclass, the ``data``
+keys by the task's ``Data`` dataclass, the rest by the dataclasses here. A wrong key or value
+raises :class:`~visionpeft.errors.ConfigError` with the key's path and what is allowed.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ import copy
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from visionpeft.config import build_dataclass, field, validate_fields
+from visionpeft.config import MethodConfig, build_dataclass, field, plain, validate_fields
 from visionpeft.errors import ConfigError
 
 SECTIONS = ("task", "model", "method", "data", "train", "output_dir")
@@ -49,20 +50,6 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         validate_fields(self, "model.")
-
-
-@dataclasses.dataclass
-class DataSection:
-    """Where the data is; the format's own keys are kept in ``options`` for the domain to check."""
-
-    format: str | None = field(None, help="the data format, e.g. vtab, fgvc, imagefolder")
-    root: str | None = field(None, help="the data set's root folder")
-    train_split: str | None = field(None, help="the split to train on")
-    eval_split: str | None = field(None, help="the split to evaluate on")
-    options: dict[str, Any] = field({}, help="the format's own keys")
-
-    def __post_init__(self) -> None:
-        validate_fields(self, "data.")
 
 
 @dataclasses.dataclass
@@ -99,7 +86,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = field("fp32", help="autocast precision; trained tensors stay fp32")
     grad_accum: int = field(1, help="micro-batches per optimizer step", ge=1)
     max_grad_norm: float | None = field(None, help="clip the gradient norm to this value", gt=0)
-    decay_all: bool = field(False, help="also decay biases, norms and prompt tokens")
+    decay_all: bool = field(
+        False, help="decay every trained tensor, biases and norms too (Dassl's recipe); otherwise tensors with "
+        "ndim <= 1 and those a method names in no_weight_decay get none"
+    )
     gradient_checkpointing: bool = field(False, help="recompute activations in backward (saves memory)")
     eval_every: int = field(0, help="evaluate every N optimizer steps (0: only at the end)", ge=0)
     save_every: int = field(0, help="checkpoint every N optimizer steps (0: only at the end)", ge=0)
@@ -124,51 +114,35 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    """A whole validated run config."""
+    """A whole validated run config.
+
+    ``method`` is the method's validated config object (what ``vp.attach`` receives), ``data`` the
+    task's validated ``Data`` section and ``task_class`` the task class that ``task`` names, looked
+    up once.
+    """
 
     task: str
     model: ModelSection
-    method: dict[str, Any]
-    data: DataSection
+    method: MethodConfig
+    data: Any
     train: TrainConfig
     output_dir: str
+    task_class: type = dataclasses.field(default=None, compare=False, repr=False)
+
+    def make_task(self) -> Any:
+        """The task of this run (one instance per run: the trainer and the CLI share it)."""
+        return self.task_class(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for the resolved ``config.yaml`` of a run."""
-        out = dataclasses.asdict(self)
-        data = out["data"]
-        data.update(data.pop("options"))
-        out["train"]["betas"] = list(out["train"]["betas"])
-        return out
-
-
-def check_section(
-    prefix: str,
-    section: Any,
-    types: Mapping[str, tuple[type, ...]],
-    *,
-    allow_null: bool = False,
-    where: str = "",
-) -> dict[str, Any]:
-    """Check a domain's own keys of a run config (``data`` options, a nested ``data.loss``) and return them.
-
-    ``section`` must be a mapping whose keys are in ``types`` and whose values are instances of the
-    key's types (``bool`` is never taken for a number, nor a number for ``bool``); ``None`` means
-    "unset" when ``allow_null``. Errors name the key path (``prefix.key``) and what is allowed;
-    ``where`` qualifies the unknown-key message (``" for format 'vtab'"``).
-    """
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{prefix}: expected a mapping of {sorted(types)}, got {section!r}")
-    unknown = sorted(set(section) - set(types))
-    if unknown:
-        raise ConfigError(f"{prefix}: unknown key(s) {unknown}{where}; allowed: {sorted(types)}")
-    for key, value in section.items():
-        if value is None and allow_null:
-            continue
-        kinds = types[key]
-        if not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds):
-            raise ConfigError(f"{prefix}.{key}: expected {kinds[0].__name__}, got {value!r}")
-    return dict(section)
+        """Plain data for the resolved ``config.yaml`` of a run; parsing it gives this config again."""
+        return {
+            "task": self.task,
+            "model": plain(self.model),
+            "method": {"name": self.method.method, **self.method.to_dict()},
+            "data": self.data.to_dict(),
+            "train": plain(self.train),
+            "output_dir": self.output_dir,
+        }
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -198,8 +172,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def parse_run_config(tree: Any) -> RunConfig:
-    """Validate a run-config mapping; the method's keys are checked against its config."""
+    """Validate a run-config mapping: every section, then the task's and the method's own checks."""
     from visionpeft.api import config as method_config
+    from visionpeft.registry import get_method
     from visionpeft.task import get_task
 
     if not isinstance(tree, dict):
@@ -211,28 +186,26 @@ def parse_run_config(tree: Any) -> RunConfig:
         if required not in tree:
             raise ConfigError(f"{required}: missing; a run config needs the sections task, method and train")
     if not isinstance(tree["task"], str):
-        raise ConfigError(f"task: expected one of 'vit', 'vla', 'diffusion', got {tree['task']!r}")
+        raise ConfigError(f"task: expected the name of a task, e.g. vit, got {tree['task']!r}")
     model = build_dataclass(ModelSection, tree.get("model") or {}, "model.")
-    data_tree = dict(tree.get("data") or {})
-    known = {f.name for f in dataclasses.fields(DataSection)} - {"options"}
-    options = {k: data_tree.pop(k) for k in list(data_tree) if k not in known}
-    data = build_dataclass(DataSection, {**data_tree, "options": options}, "data.")
     method = tree["method"]
     if not isinstance(method, dict) or not isinstance(method.get("name"), str):
         raise ConfigError("method.name: missing; give the method's registry name, e.g. method: {name: lora}")
     try:
-        method_config(method["name"], **{k: v for k, v in method.items() if k != "name"})
+        method_cfg = method_config(method["name"], **{k: v for k, v in method.items() if k != "name"})
     except ConfigError as err:
         raise ConfigError(f"method: {err}") from err
     except ValueError as err:
         raise ConfigError(f"method.name: {err}") from err
     task_cls = get_task(tree["task"])
     train = build_dataclass(TrainConfig, _with_recipe(task_cls, tree.get("train") or {}, tree), "train.")
+    data = build_dataclass(task_cls.Data, tree.get("data") or {}, "data.")
     output_dir = tree.get("output_dir", "runs/run")
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"output_dir: expected a folder path, got {output_dir!r}")
-    run = RunConfig(tree["task"], model, dict(method), data, train, output_dir)
+    run = RunConfig(tree["task"], model, method_cfg, data, train, output_dir, task_class=task_cls)
     task_cls.check_config(run)
+    get_method(method_cfg.method).check_run(method_cfg, run)
     return run
 
 

@@ -2,12 +2,15 @@
 
 A task turns the ``model``, ``method`` and ``data`` sections of a run config into an adapted
 model, datasets, a loss and an evaluation. Domains declare their task classes as entry points in
-the group ``visionpeft.tasks`` under the name used in a run config's ``task`` key (``vit``,
-``vla``, ``diffusion``).
+the group ``visionpeft.tasks`` under the name used in a run config's ``task`` key (this package
+declares ``vit``, ``vla`` and ``diffusion`` there, as any other package would). A task declares its
+``data`` keys as a :class:`DataConfig` dataclass; it never names a method: what a method needs
+from it, the method declares (see :mod:`visionpeft.method`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 from collections.abc import Callable, Mapping
@@ -17,12 +20,24 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from visionpeft.config import Section, field
 from visionpeft.errors import ConfigError
 
 ENTRY_POINT_GROUP = "visionpeft.tasks"
-INSTALL_HINT = {"vit": "vit", "vla": "vla", "diffusion": "diffusion"}
 
 _tasks: dict[str, type[Task]] = {}
+
+
+@dataclasses.dataclass
+class DataConfig(Section):
+    """The ``data`` keys of a run config: where the data is; tasks subclass it with their own keys."""
+
+    prefix = "data."
+
+    format: str | None = field(None, help="the data format, e.g. vtab, fgvc, imagefolder")
+    root: str | None = field(None, help="the data set's root folder")
+    train_split: str | None = field(None, help="the split to train on")
+    eval_split: str | None = field(None, help="the split to evaluate on")
 
 
 class Task:
@@ -36,6 +51,8 @@ class Task:
     """
 
     name: str = ""
+    #: the dataclass of the task's ``data`` keys (defaults, types, bounds), validated with the run config
+    Data: ClassVar[type[Section]] = DataConfig
     #: presets of ``train`` keys from the domain's papers, selected with ``train.recipe``
     recipes: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -80,7 +97,11 @@ class Task:
         return {}
 
     def export(self, model: nn.Module, output_dir: str | os.PathLike) -> None:
-        """Write the formats the domain's users load (beside ``adapter/``); default: nothing."""
+        """Write the task's own files at the end of a run (``results.json``); default: nothing.
+
+        The files of the method (a LoRA in kohya's format, say) are the method's
+        :meth:`~visionpeft.method.Method.export`, which the trainer calls as well.
+        """
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -96,30 +117,37 @@ def unregister_task(name: str) -> None:
     _tasks.pop(name, None)
 
 
+def _declared() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def available_tasks() -> list[str]:
     """Names of the registered and declared tasks."""
-    names = set(_tasks) | {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    return sorted(names)
+    return sorted(set(_tasks) | set(_declared()))
+
+
+def _install_hint(ep: importlib.metadata.EntryPoint) -> str:
+    """How to install what the entry point's package needs: its extra of that name, if it has one."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "install the libraries it needs"
+    extras = dist.metadata.get_all("Provides-Extra") or []
+    extra = ep.name if ep.name in extras else "all" if "all" in extras else None
+    return f"pip install '{dist.name}[{extra}]'" if extra else f"reinstall {dist.name} with its dependencies"
 
 
 def get_task(name: str) -> type[Task]:
-    """The task class for a run config's ``task`` value, with an install hint if it is missing."""
+    """The task class for a run config's ``task`` value, with an install hint if its libraries are missing."""
     if name in _tasks:
         return _tasks[name]
-    eps: Mapping[str, importlib.metadata.EntryPoint] = {
-        ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    }
-    if name in eps:
+    declared = _declared()
+    if name in declared:
         try:
-            return register_task(eps[name].load())
+            return register_task(declared[name].load())
         except ImportError as err:
-            extra = INSTALL_HINT.get(name, "all")
             raise ConfigError(
-                f"task: {name!r} needs libraries that are not installed ({err}); pip install 'visionpeft[{extra}]'"
+                f"task: {name!r} needs libraries that are not installed ({err}); {_install_hint(declared[name])}"
             ) from err
-    if name in INSTALL_HINT:
-        raise ConfigError(
-            f"task: {name!r} is not available in this installation yet (no package provides it); "
-            f"available tasks: {available_tasks() or 'none'}"
-        )
-    raise ConfigError(f"task: {name!r} is unknown; choose one of {sorted(INSTALL_HINT)}")
+    others = sorted(set(_tasks) - set(declared))
+    extra = f" or one registered here: {others}" if others else ""
+    raise ConfigError(f"task: {name!r} is unknown; choose one of {sorted(declared) or 'none installed'}{extra}")

@@ -66,8 +66,8 @@ def test_to_pipeline_shares_the_modules_and_generates():
     assert out.shape == (1, 3, 32, 32)
 
 
-def test_t2i_adapter_submodule_enters_the_unet_and_needs_a_condition():
-    from diffusers import T2IAdapter
+def test_t2i_adapter_enters_the_unet_through_the_containers_hooks_and_needs_a_condition():
+    from visionpeft.diffusion.t2i_adapter import find_t2i_adapter
 
     model = StableDiffusionModel.from_pipeline(tiny_sd_pipeline())
     latents, t = _inputs()
@@ -75,8 +75,8 @@ def test_t2i_adapter_submodule_enters_the_unet_and_needs_a_condition():
     with torch.no_grad():
         plain = model(latents, t, ids)
     torch.manual_seed(1)
-    adapter = T2IAdapter(in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=2)
-    model.add_module("t2i_adapter", adapter)
+    model = vp.attach(model, "t2i_adapter", in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=2)
+    adapter = find_t2i_adapter(model)
     with pytest.raises(ConfigError, match="condition="):
         model(latents, t, ids)
     condition = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -89,6 +89,52 @@ def test_t2i_adapter_submodule_enters_the_unet_and_needs_a_condition():
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert not torch.equal(first, plain)
     assert type(model.to_pipeline()).__name__ == "StableDiffusionAdapterPipeline"
+    model = vp.detach(model)
+    with torch.no_grad():
+        assert torch.equal(model(latents, t, ids, condition=condition), plain)  # the hooks went with the method
+    assert type(model.to_pipeline()).__name__ == "StableDiffusionPipeline"
+
+
+def test_the_container_passes_what_unet_input_hooks_return_and_takes_one_pipeline_factory():
+    model = StableDiffusionModel.from_pipeline(tiny_sd_pipeline())
+    latents, t = _inputs()
+    ids = model.tokenize(["a", "b"])["input_ids"]
+    seen = []
+
+    def residual(call):
+        seen.append((call.condition, call.dtype, tuple(call.encoder_hidden_states.shape)))
+        return {"down_intrablock_additional_residuals": [torch.ones(2, 32, 16, 16), torch.ones(2, 64, 8, 8)]}
+
+    with torch.no_grad():
+        plain = model(latents, t, ids)
+        handle = model.register_unet_inputs(residual)
+        shifted = model(latents, t, ids, condition="marker")
+        expected = model.unet(latents, t, encoder_hidden_states=model.text_encoder(ids)[0],
+                              down_intrablock_additional_residuals=[torch.ones(2, 32, 16, 16),
+                                                                    torch.ones(2, 64, 8, 8)]).sample
+        handle.remove()
+        again = model(latents, t, ids)
+    assert torch.equal(shifted, expected) and not torch.equal(shifted, plain) and torch.equal(again, plain)
+    assert seen == [("marker", model.unet.dtype, (2, 77, 32))]
+    from diffusers import StableDiffusionPipeline
+
+    built = []
+
+    class Marked(StableDiffusionPipeline):
+        pass
+
+    def factory(parts, sdxl):
+        built.append((sorted(parts), sdxl))
+        return Marked(image_encoder=None, **parts)
+
+    handle = model.register_pipeline(factory)
+    with pytest.raises(ConfigError, match="already chose this model's pipeline"):
+        model.register_pipeline(factory)
+    pipe = model.to_pipeline()
+    assert type(pipe) is Marked and pipe.unet is model.unet and pipe.safety_checker is None
+    assert built[0][1] is False and {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(built[0][0])
+    handle.remove()
+    assert type(model.to_pipeline()).__name__ == "StableDiffusionPipeline"
 
 
 def test_load_sd_model_reads_a_diffusers_folder(saved_pipeline):
@@ -153,11 +199,11 @@ def test_sdxl_encode_prompt_and_forward_follow_the_sdxl_pipeline():
 
 def test_half_precision_weights_train_fp32_lora_tensors(saved_pipeline):
     from visionpeft.diffusion.loss import diffusion_loss
-    from visionpeft.train import _trainables_to_fp32
+    from visionpeft.optim import trainables_to_fp32
 
     model = vp.attach(load_sd_model(saved_pipeline, torch_dtype=torch.bfloat16), "lora", r=2,
                       targets=["@unet_attn", "@text_encoder"])
-    _trainables_to_fp32(model)
+    trainables_to_fp32(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
     assert model.unet.conv_in.weight.dtype == torch.bfloat16
@@ -176,10 +222,10 @@ def test_half_precision_weights_train_fp32_lora_tensors(saved_pipeline):
 def test_fp16_mixed_precision_lora_step_on_gpu(saved_pipeline):
     """fp16 frozen weights, fp32 LoRA, GradScaler: no "Attempting to unscale FP16 gradients"."""
     from visionpeft.diffusion.loss import diffusion_loss
-    from visionpeft.train import _trainables_to_fp32
+    from visionpeft.optim import trainables_to_fp32
 
     model = vp.attach(load_sd_model(saved_pipeline, torch_dtype=torch.float16), "lora", r=2).cuda()
-    _trainables_to_fp32(model)
+    trainables_to_fp32(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-3)
     scaler = torch.amp.GradScaler("cuda")

@@ -22,6 +22,7 @@ from visionpeft.diffusion.models import StableDiffusionModel
 from visionpeft.diffusion.t2i_adapter import (
     adapter_feature_shapes,
     export_adapter,
+    find_t2i_adapter,
     unet_residual_slots,
 )
 
@@ -141,7 +142,7 @@ def test_detach_removes_the_adapter_exactly():
     modules = set(model._modules)
     model = vp.attach(model, "t2i_adapter")
     restored = vp.detach(model)
-    assert restored.find_t2i_adapter() is None and set(restored._modules) == modules
+    assert find_t2i_adapter(restored) is None and set(restored._modules) == modules
     state = restored.state_dict()
     assert list(state) == list(reference) and all(torch.equal(state[k], v) for k, v in reference.items())
     assert all(p.grad is None for p in restored.parameters())
@@ -225,7 +226,7 @@ def test_bad_configs_fail_at_attach():
         vp.config("t2i_adapter", in_channels=0)
     with pytest.raises(ConfigError, match="adapter_type"):
         vp.config("t2i_adapter", adapter_type="style")
-    assert get_state(model) is None and model.find_t2i_adapter() is None
+    assert get_state(model) is None and find_t2i_adapter(model) is None
 
 
 def test_bad_conditions_are_data_errors():

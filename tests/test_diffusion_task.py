@@ -322,7 +322,7 @@ def _config(tmp_path, **data) -> dict:
     ({"condition": "depth"}, "t2i_adapter", "not a built-in extractor"),
     ({"cache_latents": True, "flip": True}, "lora", "data.cache_latents"),
     ({"format": "dreambooth"}, "lora", "data.instance_prompt: missing"),
-    ({"flip": "yes"}, "lora", "data.flip: expected bool"),
+    ({"flip": "yes"}, "lora", "data.flip: expected true or false"),
 ])
 def test_check_config_names_the_key(tmp_path, data, method, message):
     from visionpeft.runconfig import parse_run_config
@@ -416,7 +416,7 @@ def test_example_dreambooth_lora_runs_and_its_files_load(tiny_run_inputs, tmp_pa
     config = EXAMPLES / "diffusion_dreambooth_lora.yaml"
     overrides = [*_overrides(root, pipeline, tmp_path / "run"), f"data.class_root={root / 'class'}"]
     run = load_run_config(config, overrides)
-    assert run.method["name"] == "lora" and run.data.options["class_prompt"] == "a photo of dog"
+    assert run.method.method == "lora" and run.data.class_prompt == "a photo of dog"
     _train(config, overrides)
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -432,7 +432,7 @@ def test_example_textual_inversion_runs_and_its_embedding_loads(tiny_run_inputs,
     config = EXAMPLES / "diffusion_textual_inversion.yaml"
     # "toy" is not one token of the tiny handwritten vocabulary; "a" is.
     overrides = [*_overrides(root, pipeline, tmp_path / "run"), "method.initializer_token=a"]
-    assert load_run_config(config, overrides).method["placeholder_token"] == "<cat-toy>"
+    assert load_run_config(config, overrides).method.placeholder_token == "<cat-toy>"
     _train(config, overrides)
     pipe = tiny_sd_pipeline()
     pipe.load_textual_inversion(tmp_path / "run")
@@ -445,7 +445,7 @@ def test_example_t2i_adapter_runs_and_its_adapter_loads(tiny_run_inputs, tmp_pat
     root, pipeline = tiny_run_inputs
     config = EXAMPLES / "diffusion_t2i_adapter_canny.yaml"
     overrides = _overrides(root, pipeline, tmp_path / "run")
-    assert load_run_config(config, overrides).data.options["condition"] == "canny"
+    assert load_run_config(config, overrides).data.condition == "canny"
     _train(config, overrides)
     adapter = T2IAdapter.from_pretrained(tmp_path / "run" / "t2i_adapter")
     assert adapter.config.in_channels == 1

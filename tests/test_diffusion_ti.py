@@ -102,8 +102,8 @@ def test_output_without_the_placeholder_is_unchanged():
 
 
 def test_training_lowers_the_loss_and_keeps_the_vocabulary_bit_identical():
+    from visionpeft.optim import build_optimizer
     from visionpeft.runconfig import TrainConfig
-    from visionpeft.train import build_optimizer
 
     model = _attach(_model(), num_vectors=2)
     embedding = model.text_encoder.get_input_embeddings()

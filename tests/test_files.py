@@ -91,6 +91,51 @@ def test_a_save_interrupted_between_its_two_writes_loads_the_new_adapter(tmp_pat
     assert "interrupted" in caplog.text
 
 
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_load_reads_and_hashes_the_weights_once(tmp_path, monkeypatch, interrupted):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    vp.save(_adapted(), tmp_path)
+    if interrupted:  # the JSON no longer describes the weights: the config comes from the weights' metadata
+        path = tmp_path / files.CONFIG_NAME
+        path.write_text(json.dumps({**json.loads(path.read_text()), "weights": {"file": files.WEIGHTS_NAME}}))
+    weights = tmp_path / files.WEIGHTS_NAME
+    blob = weights.read_bytes()
+    reads, hashes = [], []
+    real_read_bytes, real_sha256 = Path.read_bytes, files.hashlib.sha256
+
+    def read_bytes(path):
+        reads.append(path)
+        return real_read_bytes(path)
+
+    def sha256(data=b""):
+        hashes.append(data)
+        return real_sha256(data)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(files, "hashlib", SimpleNamespace(sha256=sha256))
+    loaded = vp.load(toy_net(), tmp_path)
+    monkeypatch.undo()
+    assert get_state(loaded).adapters["default"].method.name == "lora"
+    assert reads.count(weights) == 1
+    assert sum(data == blob for data in hashes) == 1
+
+
+def test_safetensors_metadata_is_read_from_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    from visionpeft.errors import AdapterError
+
+    save_file({"a": torch.zeros(2)}, tmp_path / "a.safetensors", metadata={"k": "v"})
+    save_file({"a": torch.zeros(2)}, tmp_path / "b.safetensors")
+    assert files.read_safetensors_metadata(tmp_path / "a.safetensors") == {"k": "v"}
+    assert files.read_safetensors_metadata(tmp_path / "b.safetensors") == {}
+    (tmp_path / "c.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match=r"c\.safetensors is not a readable \.safetensors file"):
+        files.read_safetensors_metadata(tmp_path / "c.safetensors")
+
+
 def test_foreign_weights_without_their_config_are_detected(tmp_path):
     from safetensors.torch import save_file
 
@@ -211,3 +256,25 @@ def test_read_image_names_the_bad_file_and_the_fix(tmp_path):
     with pytest.raises(DataError, match="missing.png: no such file; fix or remove it, or set data.skip_bad: true"):
         read_image(tmp_path / "missing.png", hint="set data.skip_bad: true")
     assert image_problem(good) is None and image_problem(broken) and image_problem(tmp_path / "x") == "no such file"
+
+
+def test_check_images_drops_and_counts_or_names_the_first_missing_file(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from visionpeft.errors import DataError
+    from visionpeft.images import check_images
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (4, 4)).save(good)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    items = [(good, 0), (tmp_path / "broken.png", 1), (tmp_path / "gone.png", 2), (tmp_path / "gone2.png", 3)]
+    with caplog.at_level(logging.WARNING, logger="visionpeft"):
+        kept, skipped = check_images(items, lambda item: item[0], skip_bad=True, source="the list")
+    assert kept == items[:1] and skipped == [item[0] for item in items[1:]]
+    assert "skipped 3 of 4 unreadable image(s) in the list" in caplog.text
+    with pytest.raises(DataError, match=r"gone\.png: no such file; fix or remove it, or set data\.skip_bad: true "
+                                        r"\(and 1 more missing\)"):
+        check_images(items, lambda item: item[0], skip_bad=False, source="the list", hint="set data.skip_bad: true")
+    assert check_images(items[:2], lambda item: item[0], skip_bad=False, source="the list") == (items[:2], [])

@@ -23,7 +23,7 @@ def test_mixed_precision_training_keeps_fp32_trained_tensors(precision, tmp_path
     assert next(trainer.model.parameters()).device.type == "cuda"
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
     # fp16 trains with loss scaling; bf16 needs none.
-    assert (trainer.accelerator.scaler is not None) == (precision == "fp16")
+    assert (trainer.scaler is not None) == (precision == "fp16")
 
 
 def test_vit_methods_run_under_bf16_autocast_on_cuda():

@@ -66,7 +66,7 @@ def test_duplicate_name_is_an_error():
     [
         ({"Config": None}, "no Config dataclass"),
         ({"Config": dict}, "no Config dataclass"),
-        ({"domain": "audio"}, "domain"),
+        ({"domain": "Audio Models"}, "domain"),
         ({"description": ""}, "description"),
     ],
 )
@@ -91,3 +91,15 @@ def test_third_party_registration_round_trip():
         unregister_method("toy_extra")
     with pytest.raises(UnknownMethodError):
         get_method("toy_extra")
+
+
+def test_two_methods_cannot_share_a_config_class():
+    """A config records its method's name, so a shared Config would silently build the other method."""
+    first = register_method(_method("toy_first"))
+    try:
+        with pytest.raises(RegistryError, match="already the config of method 'toy_first'"):
+            register_method(_method("toy_second"))
+        assert vp.config("toy_first").method == "toy_first"
+    finally:
+        unregister_method("toy_first")
+    assert first.Config.method == "toy_first"

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
+import visionpeft as vp
+from visionpeft.config import Section, field
 from visionpeft.errors import ConfigError
 from visionpeft.runconfig import apply_overrides, load_run_config, parse_run_config
-from visionpeft.task import Task, register_task, unregister_task
+from visionpeft.task import DataConfig, Task, register_task, unregister_task
 
 BUILT = []
 
 
+@dataclasses.dataclass
+class CheckedData(DataConfig):
+    image_size: int = field(224, ge=1, only_for={"format": ("toy",)})
+
+
 class CheckedTask(Task):
-    """A task that counts model builds and checks one data option."""
+    """A task that counts model builds and declares one data key of its own, for format toy only."""
 
     name = "toycheck"
-
-    @classmethod
-    def check_config(cls, run):
-        unknown = set(run.data.options) - {"image_size"}
-        if unknown:
-            raise ConfigError(f"data: unknown key(s) {sorted(unknown)} for format {run.data.format!r}")
+    Data = CheckedData
 
     def build_model(self, adapter=None):
         BUILT.append(1)
@@ -49,8 +53,8 @@ def good() -> dict:
 def test_a_good_config_parses_with_defaults():
     run = parse_run_config(good())
     assert run.train.batch_size == 32 and run.train.precision == "fp32" and run.train.lr == 0.01
-    assert run.data.options == {"image_size": 32}
-    assert run.method == {"name": "lora", "r": 4}
+    assert run.data == CheckedData(format="toy", root="/data", image_size=32)
+    assert run.method == vp.config("lora", r=4)
     out = run.to_dict()
     assert out["data"]["image_size"] == 32 and "options" not in out["data"]
     assert parse_run_config(out) == run  # the resolved config replays the run
@@ -133,19 +137,50 @@ def test_files(tmp_path):
     assert load_run_config(path).train.lr == 1e-3
 
 
-def test_check_section_names_the_key_and_what_is_allowed():
-    from visionpeft.runconfig import check_section
+@dataclasses.dataclass
+class _Loss(Section):
+    prefix = "data.loss."
+    size: int | None = field(None, ge=1)
 
-    types = {"size": (int,), "flip": (bool,), "rate": (float, int)}
-    assert check_section("data", {"size": 3, "flip": True, "rate": 1}, types) == {"size": 3, "flip": True, "rate": 1}
-    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['sizes'\] for format 'x'; allowed"):
-        check_section("data", {"sizes": 3}, types, where=" for format 'x'")
-    with pytest.raises(ConfigError, match="data.size: expected int, got True"):
-        check_section("data", {"size": True}, types)
-    with pytest.raises(ConfigError, match="data.flip: expected bool, got 1"):
-        check_section("data", {"flip": 1}, types)
-    with pytest.raises(ConfigError, match="data.size: expected int, got None"):
-        check_section("data", {"size": None}, types)
-    assert check_section("data.loss", {"size": None}, types, allow_null=True) == {"size": None}
+
+@dataclasses.dataclass
+class _Data(DataConfig):
+    size: int = field(8, ge=1)
+    flip: bool = field(False)
+    rate: float = field(0.5, ge=0, le=1)
+    frames: int = field(4, only_for={"format": ("video",)})
+    loss: _Loss = field(_Loss())
+
+
+def test_a_domains_data_section_names_the_key_and_what_is_allowed():
+    from visionpeft.config import build_dataclass
+
+    data = build_dataclass(_Data, {"size": 3, "flip": True, "rate": 1, "loss": {"size": 2}}, "data.")
+    assert (data.size, data.flip, data.rate, data.loss.size) == (3, True, 1.0, 2)
+    assert build_dataclass(_Data, {}, "data.").loss == _Loss()  # each instance gets its own default section
+    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['sizes'\] for format None; allowed"):
+        build_dataclass(_Data, {"sizes": 3}, "data.")
+    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['frames'\] for format 'x'; allowed keys are "
+                                          r"\['format', 'root', 'train_split', 'eval_split', 'size', 'flip', 'rate', "
+                                          r"'loss'\]"):
+        build_dataclass(_Data, {"format": "x", "frames": 3}, "data.")
+    assert build_dataclass(_Data, {"format": "video", "frames": 3}, "data.").frames == 3
+    with pytest.raises(ConfigError, match="data.size: expected an integer, got True"):
+        build_dataclass(_Data, {"size": True}, "data.")
+    with pytest.raises(ConfigError, match="data.flip: expected true or false, got 1"):
+        build_dataclass(_Data, {"flip": 1}, "data.")
+    with pytest.raises(ConfigError, match="data.size: expected an integer, got None"):
+        build_dataclass(_Data, {"size": None}, "data.")
+    with pytest.raises(ConfigError, match=r"data.rate: 1.5 is out of range; it must be >= 0 and <= 1"):
+        build_dataclass(_Data, {"rate": 1.5}, "data.")
+    with pytest.raises(ConfigError, match="data.loss.size: 0 is out of range"):
+        build_dataclass(_Data, {"loss": {"size": 0}}, "data.")
+    with pytest.raises(ConfigError, match=r"data.loss: unknown key\(s\) \['sise'\]"):
+        build_dataclass(_Data, {"loss": {"sise": 1}}, "data.")
     with pytest.raises(ConfigError, match="data.loss: expected a mapping"):
-        check_section("data.loss", [1], types)
+        build_dataclass(_Data, {"loss": [1]}, "data.")
+    # The plain form leaves out keys that do not apply, so it parses back to the same section.
+    video = build_dataclass(_Data, {"format": "video", "frames": 2}, "data.")
+    assert "frames" not in data.to_dict() and video.to_dict()["frames"] == 2
+    assert build_dataclass(_Data, data.to_dict(), "data.") == data
+    assert build_dataclass(_Data, video.to_dict(), "data.") == video

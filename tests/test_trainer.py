@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,19 +17,15 @@ from torch.utils.data import TensorDataset
 
 import visionpeft as vp
 from visionpeft import files
+from visionpeft.batches import EpochBatchSampler
+from visionpeft.checkpoints import find_checkpoint, list_checkpoints
 from visionpeft.errors import NonFiniteLossError, TrainingError
 from visionpeft.hosts import Host, register_host, unregister_host
-from visionpeft.method import get_state
+from visionpeft.method import attached_methods, get_state
+from visionpeft.optim import lr_factor, param_groups
 from visionpeft.runconfig import TrainConfig
 from visionpeft.task import Task
-from visionpeft.train import (
-    EpochBatchSampler,
-    Trainer,
-    find_checkpoint,
-    list_checkpoints,
-    lr_factor,
-    param_groups,
-)
+from visionpeft.train import Trainer
 
 NUM_SAMPLES = 42  # 11 batches of 4, the last one short
 
@@ -46,11 +43,12 @@ class Net(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
+NET_HOST = Host("tests.Net", lambda m: isinstance(m, Net), lora_targets=[r"blocks\.(0|3)"], head="head")
+
+
 @pytest.fixture(autouse=True)
 def net_host():
-    host = register_host(
-        Host("tests.Net", lambda m: isinstance(m, Net), lora_targets=[r"blocks\.(0|3)"], head="head")
-    )
+    host = register_host(NET_HOST)
     yield host
     unregister_host(host.family)
 
@@ -108,7 +106,7 @@ def run(tmp_path: Path, name: str, train: TrainConfig, task: Task | None = None,
 
 
 def read_adapter(folder: Path) -> dict[str, torch.Tensor]:
-    return files.read_adapter_tensors(folder, files.read_adapter_config(folder))
+    return files.read_adapter(folder)[1]
 
 
 def trained_keys(trainer: Trainer) -> set[str]:
@@ -214,11 +212,88 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 
 def test_bf16_runs_on_cpu_and_keeps_trained_tensors_fp32(tmp_path):
     trainer = run(tmp_path, "run", config(precision="bf16", max_steps=3))
-    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.precision == "bf16"
     assert all(r["loss"] == r["loss"] for r in records(trainer) if "loss" in r)
     assert all(p.dtype == torch.float32 for p in trained(trainer.model).values())
     # A later fp32 trainer in the same process still works.
-    assert run(tmp_path, "again", config(max_steps=1)).accelerator.mixed_precision == "no"
+    assert run(tmp_path, "again", config(max_steps=1)).precision == "fp32"
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class PrecisionTask(NetTask):
+    """Records the autocast dtype (``None``: no autocast) the loss and the evaluation run under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, set] = {"loss": set(), "eval": set()}
+
+    def loss(self, model, batch):
+        self.seen["loss"].add(autocast_dtype(batch[0].device.type))
+        return super().loss(model, batch)
+
+    def evaluate(self, model, batches):
+        batches = list(batches)
+        self.seen["eval"].add(autocast_dtype(batches[0][0].device.type))
+        return super().evaluate(model, batches)
+
+
+@pytest.mark.parametrize("first, second", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_each_trainer_in_a_process_uses_its_own_precision(tmp_path, first, second):
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    for name, precision in (("first", first), ("second", second)):
+        task = PrecisionTask()
+        trainer = run(tmp_path, name, config(precision=precision, max_steps=2), task=task)
+        assert trainer.precision == precision and trainer.scaler is None
+        assert task.seen == {"loss": {dtypes[precision]}, "eval": {dtypes[precision]}}
+        assert all(p.dtype == torch.float32 for p in trained(trainer.model).values())
+        # Outside the trainer's steps no autocast is left on.
+        assert autocast_dtype(trainer.accelerator.device.type) is None
+
+
+def test_accelerate_precision_in_the_environment_does_not_change_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    task = PrecisionTask()
+    trainer = run(tmp_path, "run", config(max_steps=2), task=task)
+    assert task.seen == {"loss": {None}, "eval": {None}} and trainer.scaler is None
+    # accelerate reads the variable only when its per-process state is first made: check a fresh process.
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_trainer import NET_HOST, PrecisionTask, Trainer, config
+from visionpeft.hosts import register_host
+register_host(NET_HOST)
+task = PrecisionTask()
+trainer = Trainer(task, config(max_steps=2), {str(tmp_path / "fresh")!r})
+trainer.fit()
+print(json.dumps({{k: sorted(map(str, v)) for k, v in task.seen.items()}}), trainer.accelerator.mixed_precision)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == '{"loss": ["None"], "eval": ["None"]} no'
+
+
+def test_fp16_loss_scaler_steps_checkpoints_and_resumes_exactly(tmp_path):
+    def fp16_trainer(name: str) -> Trainer:
+        trainer = Trainer(NetTask(), train, tmp_path / name)
+        # fp16 is refused on CPU; setting the precision after construction runs its code path here.
+        trainer.precision = "fp16"
+        return trainer
+
+    train = config(optimizer="adamw", max_steps=8, max_grad_norm=1.0)
+    whole = fp16_trainer("whole")
+    whole.fit()
+    assert isinstance(whole.scaler, torch.amp.GradScaler) and whole.scaler.get_scale() > 1
+    part = fp16_trainer("parts")
+    part.fit(stop_after=3)
+    state = torch.load(tmp_path / "parts" / "checkpoints" / "step-0000003" / "trainer_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == part.scaler.get_scale()
+    resumed = fp16_trainer("parts")
+    resumed.fit(resume=True)
+    a, b = trained(whole.model), trained(resumed.model)
+    assert all(torch.equal(a[n], b[n]) for n in a) and records(whole) == records(resumed)
+    assert resumed.scaler.state_dict() == whole.scaler.state_dict()
 
 
 def test_half_precision_trainables_are_cast_to_fp32(tmp_path):
@@ -244,6 +319,8 @@ def test_gradient_checkpointing_needs_support(tmp_path):
 def test_no_weight_decay_on_biases_norms_and_prompts():
     model = NetTask().build_model()
     model.prompt_tokens = nn.Parameter(torch.zeros(4, 8))
+    # timm's convention: the model names the tensors that get no decay.
+    model.no_weight_decay = lambda: {"prompt_tokens"}
     model.norm.weight.requires_grad_(True)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {
@@ -259,6 +336,43 @@ def test_no_weight_decay_on_biases_norms_and_prompts():
     assert not any(not model.get_parameter(n).requires_grad for n in decayed | not_decayed)
     every = param_groups(model, 0.1, decay_all=True)
     assert [g["group"] for g in every] == ["decay"]
+
+
+def group_names(model: nn.Module, groups: list[dict]) -> dict[str, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["group"]: {names[id(p)] for p in g["params"]} for g in groups}
+
+
+def test_undeclared_matrices_decay_whatever_their_name():
+    model = NetTask().build_model()
+    model.prompt_tokens = nn.Parameter(torch.zeros(4, 8))
+    model.ctx_embedding = nn.Parameter(torch.zeros(2, 8))
+    groups = group_names(model, param_groups(model, 0.1))
+    assert {"prompt_tokens", "ctx_embedding"} <= groups["decay"]
+    assert not {"prompt_tokens", "ctx_embedding"} & groups["no_decay"]
+
+
+def test_attached_methods_name_their_no_decay_tensors(monkeypatch):
+    model = NetTask().build_model()
+    lora_a = next(n for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad)
+    calls = []
+
+    def no_weight_decay(self, m):
+        calls.append(m)
+        return {lora_a}
+
+    (method,) = attached_methods(model)
+    monkeypatch.setattr(type(method), "no_weight_decay", no_weight_decay)
+    groups = group_names(model, param_groups(model, 0.1))
+    assert calls == [model]
+    assert lora_a in groups["no_decay"] and lora_a not in groups["decay"]
+    assert any("lora_B" in n for n in groups["decay"])
+    # The model's own declaration adds to the method's.
+    lora_b = next(n for n in groups["decay"] if "lora_B" in n)
+    model.no_weight_decay = lambda: {lora_b}
+    groups = group_names(model, param_groups(model, 0.1))
+    assert {lora_a, lora_b} <= groups["no_decay"]
+    assert [g["group"] for g in param_groups(model, 0.1, decay_all=True)] == ["decay"]
 
 
 def test_trainer_optimizer_groups_and_frozen_base(tmp_path):
@@ -351,6 +465,25 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     a, b = trained(whole.model), trained(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not list(root.glob(".tmp-*"))
+
+
+def test_replace_folder_keeps_one_whole_copy(tmp_path):
+    target = tmp_path / "out"
+
+    def failing(folder: Path) -> None:
+        (folder / "file.txt").write_text("two")
+        raise RuntimeError("write failed")
+
+    assert files.replace_folder(target, lambda folder: (folder / "file.txt").write_text("one")) == target
+    with pytest.raises(RuntimeError, match="write failed"):
+        files.replace_folder(target, failing)
+    assert (target / "file.txt").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # A crash between the two renames leaves only the previous copy: the next call puts it back first.
+    os.rename(target, tmp_path / ".tmp-old-out")
+    (tmp_path / ".tmp-new-out").mkdir()
+    seen = []
+    files.replace_folder(target, lambda folder: seen.append((target / "file.txt").read_text()))
+    assert seen == ["one"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # -- outputs ---------------------------------------------------------------------------------------

@@ -161,6 +161,8 @@ def test_missing_image_names_path(tmp_path):
     (task / "images/train800/000002.jpg").unlink()
     with pytest.raises(DataError, match=r"cannot read image .*000002\.jpg: no such file; .*skip_bad=True"):
         data.VTAB1k(task, "train800")
+    with pytest.raises(DataError, match=r"000002\.jpg: no such file; fix or remove it, or set data\.skip_bad: true"):
+        data.VTAB1k(task, "train800", skip_hint="set data.skip_bad: true")
 
 
 def test_corrupt_image_names_path_and_skip_bad_drops_it(tmp_path, caplog):
@@ -339,6 +341,8 @@ def test_video_bad_inputs(tmp_path, caplog):
         f.write("clips/missing 1\n")
     with pytest.raises(DataError, match=r"clips/missing listed in .*train\.txt does not exist"):
         data.VideoFrames(tmp_path, list_file)
+    with pytest.raises(DataError, match="fix the list or set data.skip_bad: true"):
+        data.VideoFrames(tmp_path, list_file, skip_hint="set data.skip_bad: true")
     (tmp_path / "clips/clip1/img_00002.jpg").write_bytes(b"\x00garbage")
     with caplog.at_level(logging.WARNING, logger="visionpeft"):
         ds = data.VideoFrames(tmp_path, list_file, num_frames=2, skip_bad=True)

@@ -70,7 +70,7 @@ def vtab(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("vit_*.yaml")), ids=lambda p: p.name)
 def test_examples_are_valid_run_configs(path):
     run = load_run_config(path)
-    assert run.task == "vit" and run.model.name and run.method["name"]
+    assert run.task == "vit" and run.model.name and run.method.method
 
 
 def test_recipes_fill_the_train_section_and_explicit_keys_win():
@@ -146,6 +146,52 @@ def test_image_size_and_num_classes_are_checked_before_training(vtab, tmp_path, 
     config.write_text(yaml.safe_dump(tree))
     assert main(["train", str(config)]) == 2
     assert "data.num_classes: 1 is too small for label 1" in capsys.readouterr().err
+
+
+def test_image_size_defaults_to_the_models_own(vtab, tmp_path):
+    tree = run_config(vtab, tmp_path / "a", {"name": "linear"})
+    del tree["data"]["image_size"]
+    run = parse_run_config(tree)
+    assert run.data.image_size is None  # not 224: the model decides
+    task = run.make_task()
+    task.build_model()
+    images, _ = task.train_dataset()[0]
+    assert tuple(images.shape[-2:]) == (TINY["img_size"], TINY["img_size"])
+
+
+def test_a_format_key_for_another_format_names_the_format_and_its_keys(tmp_path):
+    tree = run_config(tmp_path, tmp_path / "a", {"name": "linear"})
+    tree["data"]["num_frames"] = 4
+    message = r"data: unknown key\(s\) \['num_frames'\] for format 'vtab'; allowed keys are \[.*'vtab_task'\]"
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(tree)
+
+
+def test_the_run_validates_the_method_config_once_and_makes_one_task(vtab, tmp_path, monkeypatch, capsys):
+    """The config object the run config validated is the one the adapter carries; the CLI builds one task."""
+    from visionpeft import task as task_module
+    from visionpeft.method import get_state
+    from visionpeft.vit.task import VitTask
+    from visionpeft.vit.vpt import VPTConfig
+
+    validations, tasks, lookups = [], [], []
+    check = VPTConfig.check
+    monkeypatch.setattr(VPTConfig, "check", lambda self: (validations.append(1), check(self))[1])
+    init = VitTask.__init__
+    monkeypatch.setattr(VitTask, "__init__", lambda self, run: (tasks.append(1), init(self, run))[1])
+    get_task = task_module.get_task
+    monkeypatch.setattr(task_module, "get_task", lambda name: (lookups.append(name), get_task(name))[1])
+    run = parse_run_config(run_config(vtab, tmp_path / "a", {"name": "vpt", "num_tokens": 2}))
+    model = run.make_task().build_model()
+    assert get_state(model).adapters["default"].method.config is run.method
+    assert validations == [1] and tasks == [1] and lookups == ["vit"]
+    validations.clear(), tasks.clear(), lookups.clear()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(vtab, tmp_path / "b", {"name": "vpt", "num_tokens": 2},
+                                                epochs=None, max_steps=1)))
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    assert validations == [1] and tasks == [1] and lookups == ["vit"]
 
 
 def test_wrong_model_family_and_unreadable_images(vtab, tmp_path, capsys):

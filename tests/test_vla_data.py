@@ -154,6 +154,8 @@ def test_load_dataset_errors_say_where_files_belong(tmp_path):
     missing.unlink()
     with pytest.raises(DataError, match=f"image {missing} of the test split.*does not exist"):
         data.load_dataset("Caltech101", tmp_path)
+    with pytest.raises(DataError, match="or set data.skip_bad: true to drop missing images"):
+        data.load_dataset("Caltech101", tmp_path, skip_hint="set data.skip_bad: true")
     splits = data.load_dataset("Caltech101", tmp_path, check_files=False)
     assert len(splits.test) == 2
 
@@ -295,6 +297,8 @@ def test_image_dataset_tensors_and_bad_images(tmp_path, caplog):
     assert "skipped 1 of 3 unreadable image(s) in test split" in caplog.text
     with pytest.raises(DataError, match="nowhere.jpg: no such file"):
         ImageDataset([Datum(str(tmp_path / "nowhere.jpg"), 0, "0")])
+    with pytest.raises(DataError, match="nowhere.jpg: no such file; fix or remove it, or set data.skip_bad: true"):
+        ImageDataset([Datum(str(tmp_path / "nowhere.jpg"), 0, "0")], skip_hint="set data.skip_bad: true")
     # A truncated PNG opens but fails to decode: skip_bad decodes every image to find it.
     png = noise_image(tmp_path / "t.png", 0)
     png.write_bytes(png.read_bytes()[:-60])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -16,8 +17,8 @@ from PIL import Image
 
 from visionpeft.cli import main
 from visionpeft.errors import ConfigError
+from visionpeft.optim import build_scheduler
 from visionpeft.runconfig import load_run_config
-from visionpeft.train import build_scheduler
 from visionpeft.vla.task import coop_epochs
 
 from tiny_models import TINY_CLIP_CFG
@@ -208,8 +209,37 @@ def test_examples_run_on_the_tiny_model(example, tmp_path, eurosat_root, tiny_ar
     overrides = [f"model.name={tiny_arch}", "model.pretrained=false", "model.kwargs={}", f"data.root={eurosat_root}",
                  "data.dataset=EuroSAT", "data.shots=2", "train.epochs=1", "train.precision=fp32",
                  f"output_dir={tmp_path / 'run'}"]
-    if run.method["name"] == "maple":
+    if run.method.method == "maple":
         overrides.append("method.prompt_depth=2")
-    args = ["eval" if run.method["name"] == "zeroshot" else "train", str(example)]
+    args = ["eval" if run.method.method == "zeroshot" else "train", str(example)]
     assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["cocoop", "maple"])
+def test_dassl_recipe_decays_every_trained_tensor_as_the_original(tmp_path, eurosat_root, tiny_arch, method):
+    """Dassl's build_optimizer gives SGD one group, weight decay 5e-4 on every trained tensor: the
+    context, CoCoOp's meta-net and MaPLe's projections (biases included)."""
+    from visionpeft.optim import build_optimizer
+
+    spec = {"name": method, **({"prompt_depth": 2} if method == "maple" else {})}
+    path = _config(tmp_path, eurosat_root, tiny_arch, spec, recipe=method, epochs=None)
+    run = load_run_config(path)
+    task = run.make_task()
+    model = task.build_model()
+    optimizer = build_optimizer(model, run.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [(g["group"], g["weight_decay"], sorted(names[id(p)] for p in g["params"]))
+              for g in optimizer.param_groups]
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert groups == [("decay", 5e-4, trained)]
+    part = "prompt_learner.meta_net." if method == "cocoop" else "prompt_learner.compound_prompt_projections."
+    assert any(n.startswith(part) and n.endswith(".weight") for n in trained)
+    assert any(n.startswith(part) and n.endswith(".bias") for n in trained)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    # Without the recipe's decay_all, timm's convention: matrices (the meta-net's, the projections',
+    # the context) decay, biases do not; no tensor is exempt for its name.
+    plain = build_optimizer(model, dataclasses.replace(run.train, decay_all=False))
+    by_group = {g["group"]: {names[id(p)] for p in g["params"]} for g in plain.param_groups}
+    assert "prompt_learner.ctx" in by_group["decay"]
+    assert {n for n in trained if model.get_parameter(n).ndim <= 1} == by_group["no_decay"]

@@ -14,6 +14,7 @@ from torch import nn
 
 from visionpeft.config import MethodConfig
 from visionpeft.vit.base import VitMethod
+from visionpeft.vit.surface import find_vit, vit_prefix
 
 
 @dataclasses.dataclass
@@ -67,3 +68,10 @@ class FullFineTune(VitMethod):
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
         """Everything trains, so the whole model follows the train/eval mode."""
         return None
+
+    def no_weight_decay(self, model: nn.Module) -> set[str]:
+        """timm's own list (``pos_embed``, ``cls_token``, ``reg_token``, ...), with the ViT's path in ``model``."""
+        vit = find_vit(model)
+        own = getattr(vit, "no_weight_decay", None)
+        prefix = vit_prefix(model)
+        return {f"{prefix}{name}" for name in own()} if callable(own) else set()

@@ -12,7 +12,8 @@ Formats (see ``reference/vit.md`` section 6):
 * An image folder with one subfolder per class.
 * Video as folders of frame images, listed in a ``<folder> <label>`` file (ST-Adapter / VideoMAE lists).
 
-A missing or unreadable image stops with a :class:`~visionpeft.errors.DataError` naming its path;
+A missing or unreadable image stops with a :class:`~visionpeft.errors.DataError` naming its path and
+``skip_hint`` (what to do; default "pass skip_bad=True", run configs pass their own spelling);
 ``skip_bad=True`` checks every file up front, drops the bad ones and logs how many.
 """
 
@@ -20,11 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import ConfigError, DataError
-from visionpeft.images import bad_image_message, image_problem, read_image
-
-logger = logging.getLogger("visionpeft")
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from visionpeft.images import IMAGE_EXTENSIONS, SKIP_HINT, check_images, drop_bad, image_problem, read_image
 
 # -- VTAB-1k --
 
@@ -210,44 +206,24 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
-def _log_skipped(skipped: Sequence[str], total: int, what: str, source: Any) -> None:
-    if skipped:
-        logger.warning("skipped %d of %d %s in %s (first: %s)", len(skipped), total, what, source, skipped[0])
-
-
 class _ImageList(Dataset):
     """Shared body of the image readers: a list of ``(path, label)`` read as RGB images."""
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str],
-                 transform: Callable[[Image.Image], Any] | None, skip_bad: bool, source: Any) -> None:
+                 transform: Callable[[Image.Image], Any] | None, skip_bad: bool, source: Any,
+                 skip_hint: str = SKIP_HINT) -> None:
         self.classes = classes
         self.transform = transform
-        self.skipped: list[str] = []
-        if skip_bad:
-            kept = []
-            for path, label in samples:
-                reason = image_problem(path)
-                if reason is None:
-                    kept.append((path, label))
-                else:
-                    self.skipped.append(path)
-                    logger.debug("skipping %s", bad_image_message(path, reason))
-            _log_skipped(self.skipped, len(samples), "unreadable image(s)", source)
-            samples = kept
-        else:
-            # A stat per file is cheap and turns a crash hours into training into an error at start.
-            missing = [path for path, _ in samples if not os.path.isfile(path)]
-            if missing:
-                more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-                raise DataError(bad_image_message(missing[0], "no such file") + more)
-        self.samples = samples
+        self.skip_hint = skip_hint
+        self.samples, self.skipped = check_images(samples, lambda sample: sample[0], skip_bad=skip_bad, source=source,
+                                                  hint=skip_hint)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = read_image(path)
+        image = read_image(path, hint=self.skip_hint)
         return (self.transform(image) if self.transform is not None else _to_tensor(image)), label
 
 
@@ -260,7 +236,7 @@ class VTAB1k(_ImageList):
     """
 
     def __init__(self, root: str | os.PathLike, split: str, transform: Callable | None = None,
-                 skip_bad: bool = False) -> None:
+                 skip_bad: bool = False, skip_hint: str = SKIP_HINT) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"VTAB-1k task folder {root} does not exist")
@@ -287,7 +263,8 @@ class VTAB1k(_ImageList):
             num_classes = known
         self.task = task
         samples = [(str(root / path), label) for path, label in entries[split]]
-        super().__init__(samples, [str(i) for i in range(num_classes)], transform, skip_bad, root / f"{split}.txt")
+        super().__init__(samples, [str(i) for i in range(num_classes)], transform, skip_bad, root / f"{split}.txt",
+                         skip_hint)
 
 
 class FGVC(_ImageList):
@@ -300,7 +277,7 @@ class FGVC(_ImageList):
     """
 
     def __init__(self, root: str | os.PathLike, split: str, dataset: str | None = None,
-                 transform: Callable | None = None, skip_bad: bool = False) -> None:
+                 transform: Callable | None = None, skip_bad: bool = False, skip_hint: str = SKIP_HINT) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"FGVC folder {root} does not exist")
@@ -320,7 +297,8 @@ class FGVC(_ImageList):
         class_ids = sorted({label for entries in files.values() for _, label in entries})
         index = {class_id: i for i, class_id in enumerate(class_ids)}
         samples = [(str(image_root / path), index[label]) for path, label in files[split]]
-        super().__init__(samples, [str(c) for c in class_ids], transform, skip_bad, root / f"{split}.json")
+        super().__init__(samples, [str(c) for c in class_ids], transform, skip_bad, root / f"{split}.json",
+                         skip_hint)
 
     @staticmethod
     def _read_json(path: Path) -> list[tuple[str, int]]:
@@ -340,7 +318,8 @@ class ImageFolderDataset(_ImageList):
     Files with the extensions in :data:`IMAGE_EXTENSIONS` (any case) are read; hidden files are not.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, skip_bad: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, skip_bad: bool = False,
+                 skip_hint: str = SKIP_HINT) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist")
@@ -356,7 +335,7 @@ class ImageFolderDataset(_ImageList):
                         samples.append((os.path.join(dirpath, filename), label))
         if not samples:
             raise DataError(f"image folder {root} has no images with extensions {list(IMAGE_EXTENSIONS)}")
-        super().__init__(samples, classes, transform, skip_bad, root)
+        super().__init__(samples, classes, transform, skip_bad, root, skip_hint)
 
 
 # -- video --
@@ -428,7 +407,7 @@ class VideoFrames(Dataset):
 
     def __init__(self, root: str | os.PathLike, list_file: str | os.PathLike, num_frames: int = 8,
                  sampling: str = "uniform", stride: int = 4, transform: Callable | None = None,
-                 train: bool = False, seed: int = 0, skip_bad: bool = False) -> None:
+                 train: bool = False, seed: int = 0, skip_bad: bool = False, skip_hint: str = SKIP_HINT) -> None:
         if num_frames < 1:
             raise ConfigError(f"num_frames: {num_frames} must be >= 1")
         if sampling not in SAMPLINGS:
@@ -445,34 +424,27 @@ class VideoFrames(Dataset):
         self.classes = [str(i) for i in range(1 + max((label for _, label in entries), default=-1))]
         self.num_frames, self.sampling, self.stride = num_frames, sampling, stride
         self.transform, self.train, self.seed, self.epoch = transform, train, seed, 0
-        self.skipped: list[str] = []
+        self.skip_hint = skip_hint
         samples = [(str(self.root / path), label) for path, label in entries]
         if skip_bad:
-            kept = []
-            for folder, label in samples:
-                reason = self._check_clip(folder)
-                if reason is None:
-                    kept.append((folder, label))
-                else:
-                    self.skipped.append(folder)
-                    logger.debug("skipping clip %s: %s", folder, reason)
-            _log_skipped(self.skipped, len(samples), "unreadable clip(s)", list_path)
-            samples = kept
+            samples, self.skipped = drop_bad(samples, lambda sample: sample[0],
+                                             lambda sample: self._check_clip(sample[0]), source=list_path,
+                                             what="unreadable clip(s)")
         else:
+            self.skipped = []
             missing = [folder for folder, _ in samples if not os.path.isdir(folder)]
             if missing:
                 more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
                 raise DataError(f"frame folder {missing[0]} listed in {list_path} does not exist{more}; fix the "
-                                "list or pass skip_bad=True")
+                                f"list or {skip_hint}")
         self.samples = samples
 
-    @staticmethod
-    def _frames(folder: str) -> list[str]:
+    def _frames(self, folder: str) -> list[str]:
         if not os.path.isdir(folder):
-            raise DataError(f"frame folder {folder} does not exist; fix the list or pass skip_bad=True")
+            raise DataError(f"frame folder {folder} does not exist; fix the list or {self.skip_hint}")
         names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
         if not names:
-            raise DataError(f"frame folder {folder} holds no images; fix the list or pass skip_bad=True")
+            raise DataError(f"frame folder {folder} holds no images; fix the list or {self.skip_hint}")
         return [os.path.join(folder, n) for n in names]
 
     def _check_clip(self, folder: str) -> str | None:
@@ -506,7 +478,7 @@ class VideoFrames(Dataset):
         clip_seed = int(torch.randint(2**62, (1,), generator=generator))
         tensors = []
         for i in chosen:
-            image = read_image(frames[i])
+            image = read_image(frames[i], hint=self.skip_hint)
             if self.transform is None:
                 tensors.append(_to_tensor(image))
                 continue

@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import visionpeft as vp
+from visionpeft.checkpoints import CHECKPOINTS_DIR
 from visionpeft.files import atomic_write_bytes, atomic_write_text
 from visionpeft.runconfig import TrainConfig
 from visionpeft.task import Task
-from visionpeft.train import CHECKPOINTS_DIR, Trainer
+from visionpeft.train import Trainer
 from visionpeft.vit import digits
 
 logger = logging.getLogger("visionpeft.demo")

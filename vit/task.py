@@ -12,18 +12,20 @@ below; the shared trainer does the rest. Data options by format:
 * ``video``: ``root`` holds the frame folders, the splits are ``path label`` list files;
   ``num_frames``, ``sampling`` (``uniform`` or ``stride``), ``stride``.
 
-Common options: ``image_size`` (224), ``normalization`` (``model``: the checkpoint's own
-statistics, ``imagenet`` as VPT, ``inception``), ``transform`` (override the format's),
-``skip_bad`` (drop unreadable images and report how many), ``num_classes`` (default: from the
-data).
+Common options: ``image_size`` (default: the model's own input size), ``normalization``
+(``model``: the checkpoint's own statistics, ``imagenet`` as VPT, ``inception``), ``transform``
+(override the format's), ``skip_bad`` (drop unreadable images and report how many),
+``num_classes`` (default: from the data). :class:`VitData` declares them all, with their types and
+bounds; a format's own key given for another format is refused with the keys that format takes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,29 +33,56 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import visionpeft as vp
+from visionpeft.config import field
 from visionpeft.errors import ConfigError
-from visionpeft.runconfig import check_section
-from visionpeft.task import Task
+from visionpeft.task import DataConfig, Task
 
-FORMATS: dict[str, dict[str, Any]] = {
-    "vtab": {"train_split": "train800val200", "eval_split": "test", "transform": "vtab",
-             "options": {"vtab_task"}},
-    "fgvc": {"train_split": "train", "eval_split": "test", "transform": "fgvc", "options": {"dataset"}},
-    "imagefolder": {"train_split": "train", "eval_split": "val", "transform": "fgvc", "options": set()},
-    "video": {"train_split": "train.txt", "eval_split": "val.txt", "transform": "vtab",
-              "options": {"num_frames", "sampling", "stride"}},
+#: each format's default splits and transform
+FORMATS: dict[str, dict[str, str]] = {
+    "vtab": {"train_split": "train800val200", "eval_split": "test", "transform": "vtab"},
+    "fgvc": {"train_split": "train", "eval_split": "test", "transform": "fgvc"},
+    "imagefolder": {"train_split": "train", "eval_split": "val", "transform": "fgvc"},
+    "video": {"train_split": "train.txt", "eval_split": "val.txt", "transform": "vtab"},
 }
-COMMON_OPTIONS = {"image_size", "normalization", "transform", "skip_bad", "num_classes"}
-OPTION_TYPES: dict[str, tuple[type, ...]] = {
-    "image_size": (int,), "normalization": (str,), "transform": (str,), "skip_bad": (bool,),
-    "num_classes": (int,), "vtab_task": (str,), "dataset": (str,), "num_frames": (int,), "sampling": (str,),
-    "stride": (int,),
-}
-OPTION_CHOICES = {
-    "normalization": ("model", "imagenet", "inception"),
-    "transform": ("vtab", "fgvc", "none"),
-    "sampling": ("uniform", "stride"),
-}
+#: what a YAML user does about an unreadable image
+SKIP_HINT = "set data.skip_bad: true"
+
+
+@dataclasses.dataclass
+class VitData(DataConfig):
+    """The ``data`` keys of the vit task."""
+
+    image_size: int | None = field(None, help="input resolution; default: the model's own", ge=1)
+    normalization: Literal["model", "imagenet", "inception"] = field(
+        "model", help="mean/std: the checkpoint's own, ImageNet's (as VPT) or Inception's"
+    )
+    transform: Literal["vtab", "fgvc", "none"] | None = field(None, help="the transform; default: the format's")
+    skip_bad: bool = field(False, help="drop unreadable images (and report how many) instead of stopping")
+    num_classes: int | None = field(None, help="the head's size; default: the classes of the training split", ge=1)
+    vtab_task: str | None = field(None, help="the VTAB-1k task folder under root", only_for={"format": ("vtab",)})
+    dataset: str | None = field(None, help="the FGVC data set (CUB, NABirds, ...)", only_for={"format": ("fgvc",)})
+    num_frames: int = field(8, help="frames per clip", ge=1, only_for={"format": ("video",)})
+    sampling: Literal["uniform", "stride"] = field(
+        "uniform", help="how frames are drawn from a clip", only_for={"format": ("video",)}
+    )
+    stride: int = field(4, help="frames between samples with sampling: stride", ge=1, only_for={"format": ("video",)})
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format: {self.format!r} is not supported; choose one of {sorted(FORMATS)}")
+        if self.root is None:
+            raise ConfigError("data.root: missing; give the data set's folder")
+
+    @property
+    def split_train(self) -> str:
+        """The training split: ``train_split`` or the format's default."""
+        return self.train_split or FORMATS[self.format]["train_split"]
+
+    @property
+    def split_eval(self) -> str:
+        """The evaluation split: ``eval_split`` or the format's default (``none``: no evaluation)."""
+        return self.eval_split or FORMATS[self.format]["eval_split"]
+
 
 # Presets of the papers' schedules, selected with `train.recipe`; explicit train keys win.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -70,81 +99,71 @@ class VitTask(Task):
     """Classification of images (or clips) with a timm ViT and any ``vit`` or generic method."""
 
     name = "vit"
+    Data = VitData
     recipes: ClassVar[dict[str, dict[str, Any]]] = RECIPES
 
     @classmethod
     def check_config(cls, run: Any) -> None:
         if not run.model.name:
             raise ConfigError("model.name: missing; give a timm model name, e.g. vit_base_patch16_224.orig_in21k")
-        fmt = run.data.format
-        if fmt not in FORMATS:
-            raise ConfigError(f"data.format: {fmt!r} is not supported; choose one of {sorted(FORMATS)}")
-        if run.data.root is None:
-            raise ConfigError("data.root: missing; give the data set's folder")
-        allowed = COMMON_OPTIONS | FORMATS[fmt]["options"]
-        check_section("data", run.data.options, {k: OPTION_TYPES[k] for k in allowed}, where=f" for format {fmt!r}")
-        for key, value in run.data.options.items():
-            if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
-                raise ConfigError(f"data.{key}: {value!r} is not allowed; choose one of {list(OPTION_CHOICES[key])}")
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
-        self.data = run.data
-        self.fmt = FORMATS[run.data.format]
-        self.options = dict(run.data.options)
+        self.data: VitData = run.data
         self._datasets: dict[str, Dataset] = {}
         self._model: nn.Module | None = None
+        self._image_size: int | None = None
 
     # -- data --
 
     def _transform(self, train: bool):
         from visionpeft.vit.transforms import build_transform, normalization_for
 
-        mean, std = normalization_for(self._model, self.options.get("normalization", "model"))
-        kind = self.options.get("transform", self.fmt["transform"])
-        return build_transform(kind, train=train, image_size=self.options.get("image_size", 224), mean=mean, std=std)
+        mean, std = normalization_for(self._model, self.data.normalization)
+        kind = self.data.transform or FORMATS[self.data.format]["transform"]
+        return build_transform(kind, train=train, image_size=self._image_size, mean=mean, std=std)
 
-    def _dataset(self, split: str, train: bool) -> Dataset:
+    def _reader(self, split: str, transform: Any = None, train: bool = False) -> Dataset:
+        """The data set of ``split`` in the run's format (without a transform: only its class list)."""
         from visionpeft.vit import data
 
-        if split in self._datasets:
-            return self._datasets[split]
-        root = Path(self.data.root)
-        skip_bad = self.options.get("skip_bad", False)
-        transform = self._transform(train)
-        fmt = self.data.format
+        root, options = Path(self.data.root), self.data
+        checked = {"skip_bad": options.skip_bad, "skip_hint": SKIP_HINT} if transform is not None else {}
+        fmt = options.format
         if fmt == "vtab":
-            if "vtab_task" in self.options:
-                root = data.vtab_task_dir(root, self.options["vtab_task"])
-            dataset = data.VTAB1k(root, split, transform=transform, skip_bad=skip_bad)
-        elif fmt == "fgvc":
-            dataset = data.FGVC(root, split, dataset=self.options.get("dataset"), transform=transform,
-                                skip_bad=skip_bad)
-        elif fmt == "imagefolder":
-            dataset = data.ImageFolderDataset(root / split, transform=transform, skip_bad=skip_bad)
-        else:
-            dataset = data.VideoFrames(root, root / split, num_frames=self.options.get("num_frames", 8),
-                                       sampling=self.options.get("sampling", "uniform"),
-                                       stride=self.options.get("stride", 4), transform=transform, train=train,
-                                       seed=self.run.train.seed, skip_bad=skip_bad)
-        self._check_labels(dataset)
-        self._datasets[split] = dataset
-        return dataset
+            if options.vtab_task is not None:
+                root = data.vtab_task_dir(root, options.vtab_task)
+            return data.VTAB1k(root, split, transform=transform, **checked)
+        if fmt == "fgvc":
+            return data.FGVC(root, split, dataset=options.dataset, transform=transform, **checked)
+        if fmt == "imagefolder":
+            return data.ImageFolderDataset(root / split, transform=transform, **checked)
+        return data.VideoFrames(root, root / split, num_frames=options.num_frames, sampling=options.sampling,
+                                stride=options.stride, transform=transform, train=train, seed=self.run.train.seed,
+                                **checked)
+
+    def _dataset(self, split: str, train: bool) -> Dataset:
+        if split not in self._datasets:
+            dataset = self._reader(split, self._transform(train), train)
+            self._check_labels(dataset)
+            self._datasets[split] = dataset
+        return self._datasets[split]
 
     def train_dataset(self) -> Dataset:
-        return self._dataset(self.data.train_split or self.fmt["train_split"], train=True)
+        return self._dataset(self.data.split_train, train=True)
 
     def eval_dataset(self) -> Dataset | None:
-        split = self.data.eval_split or self.fmt["eval_split"]
+        split = self.data.split_eval
         if split in ("", "none"):
             return None
         return self._dataset(split, train=False)
 
     def num_classes(self) -> int:
         """The head's size: ``data.num_classes`` or the number of classes of the training split."""
-        if "num_classes" in self.options:
-            return self.options["num_classes"]
-        return len(self.train_dataset().classes)
+        if self.data.num_classes is not None:
+            return self.data.num_classes
+        # Reading the class list needs no transform, so the model is not needed yet.
+        return len(self._reader(self.data.split_train).classes)
 
     # -- model --
 
@@ -155,59 +174,44 @@ class VitTask(Task):
 
         model_cfg = self.run.model
         self._model = None
-        num_classes = self.num_classes() if "num_classes" in self.options else None
-        if num_classes is None:
-            # Reading the class list needs no transform, so the model is not needed yet.
-            num_classes = self._class_count_without_model()
+        num_classes = self.num_classes()
         # Seeded, so that a randomly initialised backbone (and the fresh head) is the same at
         # training and evaluation time.
         torch.manual_seed(self.run.train.seed)
         backbone = build_vit(model_cfg.name, num_classes, pretrained=model_cfg.pretrained,
                              checkpoint=model_cfg.checkpoint, **model_cfg.kwargs)
         self._model = backbone
-        self._check_image_size(find_vit(backbone))
+        self._image_size = self._check_image_size(find_vit(backbone))
         if self.data.format == "video":
-            backbone = VideoClassifier(backbone, self.options.get("num_frames", 8))
+            backbone = VideoClassifier(backbone, self.data.num_frames)
         if adapter is not None:
             return vp.load(backbone, adapter)
-        method = {k: v for k, v in self.run.method.items() if k != "name"}
-        return vp.attach(backbone, self.run.method["name"], **method)
+        return vp.attach(backbone, self.run.method)
 
-    def _check_image_size(self, vit: nn.Module) -> None:
-        size = self.options.get("image_size", 224)
+    def _check_image_size(self, vit: nn.Module) -> int:
+        """The input size: ``data.image_size`` (checked against the model's) or the model's own."""
         expected = tuple(vit.patch_embed.img_size) if vit.patch_embed.img_size is not None else None
+        size = self.data.image_size
+        if size is None:
+            return expected[0] if expected is not None else 224
         if expected is not None and not getattr(vit, "dynamic_img_size", False) and expected != (size, size):
             raise ConfigError(
                 f"data.image_size: {size} does not match the model's input size {expected[0]}; set "
-                f"data.image_size: {expected[0]}, or model.kwargs.img_size: {size} (timm resamples the position "
-                "embedding of pretrained weights)"
+                f"data.image_size: {expected[0]} (or remove it), or model.kwargs.img_size: {size} (timm resamples the "
+                "position embedding of pretrained weights)"
             )
+        return size
 
     def _check_labels(self, dataset: Dataset) -> None:
-        if "num_classes" not in self.options:
+        limit = self.data.num_classes
+        if limit is None:
             return
         labels = [label for _, label in getattr(dataset, "samples", [])]
-        if labels and max(labels) >= self.options["num_classes"]:
+        if labels and max(labels) >= limit:
             raise ConfigError(
-                f"data.num_classes: {self.options['num_classes']} is too small for label {max(labels)} in the data; "
+                f"data.num_classes: {limit} is too small for label {max(labels)} in the data; "
                 "remove it to size the head from the data"
             )
-
-    def _class_count_without_model(self) -> int:
-        from visionpeft.vit import data
-
-        root = Path(self.data.root)
-        split = self.data.train_split or self.fmt["train_split"]
-        fmt = self.data.format
-        if fmt == "vtab":
-            if "vtab_task" in self.options:
-                root = data.vtab_task_dir(root, self.options["vtab_task"])
-            return len(data.VTAB1k(root, split).classes)
-        if fmt == "fgvc":
-            return len(data.FGVC(root, split, dataset=self.options.get("dataset")).classes)
-        if fmt == "imagefolder":
-            return len(data.ImageFolderDataset(root / split).classes)
-        return len(data.VideoFrames(root, root / split, num_frames=self.options.get("num_frames", 8)).classes)
 
     # -- training --
 

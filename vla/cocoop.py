@@ -120,10 +120,7 @@ class CoCoOpCLIP(PromptedCLIP):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image_features = self.encode_images(images)
-        text_features = self.text_features(image_features)  # (B, C, E)
-        logits = self.clip.logit_scale.exp().float() * torch.einsum("be,bce->bc", image_features, text_features)
-        bias = getattr(self.clip, "logit_bias", None)
-        return logits + bias.float() if bias is not None else logits
+        return self.logits(image_features, self.text_features(image_features))
 
     def forward_loop(self, images: torch.Tensor) -> torch.Tensor:
         """The original's per-image loop (one text-tower call per image), for checks and benchmarks."""

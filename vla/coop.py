@@ -16,7 +16,7 @@ split into several tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -129,3 +129,10 @@ class CoOp(PromptMethod):
 
     def build_learner(self, clip: nn.Module) -> PromptLearner:
         return CoOpPromptLearner(clip, self.config)
+
+    @classmethod
+    def check_run(cls, config: MethodConfig, run: Any) -> None:
+        """Class-specific contexts belong to their classes, so they cannot be moved to novel ones."""
+        if config.csc and getattr(run.data, "setting", None) == "base2novel":
+            raise ConfigError("method.csc: class-specific contexts cannot classify novel classes; use csc: false for "
+                              "data.setting: base2novel")

@@ -36,12 +36,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import DataError
-from visionpeft.images import bad_image_message, image_problem, read_image
+from visionpeft.images import IMAGE_EXTENSIONS, SKIP_HINT, check_images, read_image
 
 logger = logging.getLogger("visionpeft")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+#: what to do about a missing image, for the readers that check the files of a split
+CHECK_FILES_HINT = "pass check_files=False and skip_bad=True"
 
 
 @dataclass(frozen=True)
@@ -268,26 +269,23 @@ def make_splits(train: list[Datum], val: list[Datum], test: list[Datum], val_is_
     return Splits(list(train), list(val), list(test), classnames, val_is_test)
 
 
-def _missing_files(items: Iterable[Datum]) -> list[str]:
-    return [item.impath for item in items if not os.path.isfile(item.impath)]
-
-
-def _check_files(splits: Splits, source: Any) -> None:
+def _check_files(splits: Splits, source: Any, hint: str) -> None:
     # A stat per file is cheap and turns a crash hours into training into an error at start.
     for split in ("train", "val", "test"):
-        missing = _missing_files(getattr(splits, split))
+        missing = [item.impath for item in getattr(splits, split) if not os.path.isfile(item.impath)]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(f"image {missing[0]} of the {split} split in {source} does not exist{more}; check that "
-                            "the images are unpacked where the split expects them, or pass check_files=False and "
-                            "skip_bad=True to drop missing images")
+                            f"the images are unpacked where the split expects them, or {hint} to drop missing images")
 
 
-def read_split_zhou(json_path: str | os.PathLike, image_dir: str | os.PathLike, check_files: bool = True) -> Splits:
+def read_split_zhou(json_path: str | os.PathLike, image_dir: str | os.PathLike, check_files: bool = True,
+                    skip_hint: str = CHECK_FILES_HINT) -> Splits:
     """The splits of a CoOp ``split_zhou_*.json`` file, with each relative path joined to ``image_dir``.
 
     Labels are converted with ``int`` as CoOp's ``read_split`` does; items keep the file's order (the
-    few-shot sampler depends on it). ``check_files`` checks that every image exists.
+    few-shot sampler depends on it). ``check_files`` checks that every image exists; a missing one
+    raises, its message ending with ``skip_hint``.
     """
     json_path = Path(json_path)
     if not json_path.is_file():
@@ -320,7 +318,7 @@ def read_split_zhou(json_path: str | os.PathLike, image_dir: str | os.PathLike, 
     except DataError as exc:
         raise DataError(f"{json_path}: {exc}") from None
     if check_files:
-        _check_files(splits, json_path)
+        _check_files(splits, json_path, skip_hint)
     return splits
 
 
@@ -400,7 +398,8 @@ def imagefolder_splits(root: str | os.PathLike, train: str = "train", val: str |
     return make_splits(train_items, test_items, test_items, val_is_test=True)
 
 
-def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False) -> Splits:
+def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False,
+                  skip_hint: str = CHECK_FILES_HINT) -> Splits:
     """ImageNet as CoOp reads it: ``images/train`` and ``images/val`` class folders named by ``classnames.txt``.
 
     Labels follow the sorted training folders; the ILSVRC val set is both ``val`` and ``test``. Images are
@@ -444,11 +443,12 @@ def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False) -> 
         parts[split] = items
     splits = make_splits(parts["train"], parts["val"], parts["val"], val_is_test=True)
     if check_files:
-        _check_files(splits, dataset_dir)
+        _check_files(splits, dataset_dir, skip_hint)
     return splits
 
 
-def read_fgvc_aircraft(dataset_dir: str | os.PathLike, check_files: bool = True) -> Splits:
+def read_fgvc_aircraft(dataset_dir: str | os.PathLike, check_files: bool = True,
+                       skip_hint: str = CHECK_FILES_HINT) -> Splits:
     """FGVCAircraft as CoOp reads it: ``images_variant_{train,val,test}.txt`` lines ``<image id> <variant>``,
     labelled by the line of ``variants.txt`` that names the variant; images are ``images/<image id>.jpg``."""
     dataset_dir = Path(dataset_dir)
@@ -475,7 +475,7 @@ def read_fgvc_aircraft(dataset_dir: str | os.PathLike, check_files: bool = True)
         parts[split] = items
     splits = make_splits(parts["train"], parts["val"], parts["test"])
     if check_files:
-        _check_files(splits, dataset_dir)
+        _check_files(splits, dataset_dir, skip_hint)
     return splits
 
 
@@ -493,7 +493,8 @@ def dataset_dir(name: str, root: str | os.PathLike) -> Path:
                     f"({COOP_DATASETS_MD})")
 
 
-def load_dataset(name: str, root: str | os.PathLike, check_files: bool = True) -> Splits:
+def load_dataset(name: str, root: str | os.PathLike, check_files: bool = True,
+                 skip_hint: str = CHECK_FILES_HINT) -> Splits:
     """Data set ``name`` (a CoOp name, see :data:`DATASETS`) from ``root``, CoOp's ``$DATA`` folder.
 
     Reads the split file (or ImageNet's and FGVCAircraft's own lists) in CoOp's folder layout and checks
@@ -506,7 +507,7 @@ def load_dataset(name: str, root: str | os.PathLike, check_files: bool = True) -
     if info.reader == "imagenet":
         splits = read_imagenet(folder)
     elif info.reader == "fgvc_aircraft":
-        splits = read_fgvc_aircraft(folder, check_files=check_files)
+        splits = read_fgvc_aircraft(folder, check_files=check_files, skip_hint=skip_hint)
     else:
         split_path = folder / info.split_file
         if not split_path.is_file():
@@ -516,7 +517,7 @@ def load_dataset(name: str, root: str | os.PathLike, check_files: bool = True) -
         image_dir = folder / info.image_dir if info.image_dir else folder
         if not image_dir.is_dir():
             raise DataError(f"image folder {image_dir} for {info.name} not found; expected layout: $DATA/{info.layout}")
-        splits = read_split_zhou(split_path, image_dir, check_files=check_files)
+        splits = read_split_zhou(split_path, image_dir, check_files=check_files, skip_hint=skip_hint)
     if splits.num_classes != info.num_classes:
         logger.warning("%s has %d classes in %s, the protocol's has %d", info.name, splits.num_classes, folder,
                        info.num_classes)
@@ -526,50 +527,28 @@ def load_dataset(name: str, root: str | os.PathLike, check_files: bool = True) -
 # -- images --
 
 
-def drop_bad(items: Sequence[Datum], source: Any = "the data") -> tuple[list[Datum], list[str]]:
-    """``items`` without the ones whose image is missing or does not decode, and the dropped paths (logged)."""
-    kept, dropped = [], []
-    for item in items:
-        reason = image_problem(item.impath)
-        if reason is None:
-            kept.append(item)
-        else:
-            dropped.append(item.impath)
-            logger.debug("skipping %s", bad_image_message(item.impath, reason))
-    if dropped:
-        logger.warning("skipped %d of %d unreadable image(s) in %s (first: %s)", len(dropped), len(items), source,
-                       dropped[0])
-    return kept, dropped
-
-
 class ImageDataset(Dataset):
     """``(image, label)`` pairs over a list of :class:`Datum`, the image passed through ``transform``.
 
     Without a transform an image is a float tensor ``(3, H, W)`` in [0, 1]. Every path is checked to exist
     up front; an image that cannot be decoded raises :class:`DataError` naming it when it is read.
     ``skip_bad=True`` instead decodes every image once up front and drops the bad ones (``.skipped``
-    lists them, and a warning gives the count).
+    lists them, and a warning gives the count). ``skip_hint`` is the advice the errors give.
     """
 
     def __init__(self, items: Sequence[Datum], transform: Callable[[Image.Image], Any] | None = None,
-                 skip_bad: bool = False, source: Any = "the data") -> None:
+                 skip_bad: bool = False, source: Any = "the data", skip_hint: str = SKIP_HINT) -> None:
         self.transform = transform
-        self.skipped: list[str] = []
-        if skip_bad:
-            items, self.skipped = drop_bad(items, source)
-        else:
-            missing = _missing_files(items)
-            if missing:
-                more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-                raise DataError(bad_image_message(missing[0], "no such file") + more)
-        self.items: list[Datum] = list(items)
+        self.skip_hint = skip_hint
+        self.items, self.skipped = check_images(items, lambda item: item.impath, skip_bad=skip_bad, source=source,
+                                                hint=skip_hint)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         item = self.items[index]
-        image = read_image(item.impath)
+        image = read_image(item.impath, hint=self.skip_hint)
         if self.transform is not None:
             return self.transform(image), item.label
         from torchvision.transforms.functional import pil_to_tensor

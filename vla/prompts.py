@@ -13,8 +13,11 @@ similarity of image and class features.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -22,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionpeft.errors import ConfigError, UnsupportedModelError
-from visionpeft.method import Method
+from visionpeft.method import Method, RunInfo
 from visionpeft.vla.text import TextTower, count_tokens, get_tokenizer, text_tower
+
+logger = logging.getLogger("visionpeft")
 
 SUPPORTED = "open_clip.CLIP / open_clip.CustomTextCLIP (open_clip's own text transformer)"
 
@@ -213,8 +218,16 @@ class PromptedCLIP(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """``logit_scale.exp()`` x cosine similarity (both inputs normalised), plus a logit bias if any."""
-        logits = self.clip.logit_scale.exp().float() * image_features @ text_features.transpose(-1, -2)
+        """``logit_scale.exp()`` x cosine similarity (both inputs normalised), plus a logit bias if any.
+
+        ``image_features`` is ``(B, E)``; ``text_features`` is ``(C, E)``, the same classes for every
+        image, or ``(B, C, E)``, each image's own (CoCoOp). The logits are ``(B, C)``.
+        """
+        scale = self.clip.logit_scale.exp().float()
+        if text_features.dim() == 3:
+            logits = scale * torch.einsum("be,bce->bc", image_features, text_features)
+        else:
+            logits = scale * image_features @ text_features.transpose(-1, -2)
         bias = getattr(self.clip, "logit_bias", None)
         return logits + bias.float() if bias is not None else logits
 
@@ -269,3 +282,12 @@ class PromptMethod(Method):
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
         # The frozen CLIP stays in eval mode, as in the original trainers (CLIP has no dropout).
         return [model.prompt_learner]
+
+    def export(self, model: nn.Module, output_dir: str | os.PathLike, run: RunInfo) -> None:
+        """Write ``nearest_words.json`` for a learned context (the CoOp paper's interpretation), and log it."""
+        if getattr(model.prompt_learner, "ctx", None) is None:
+            return
+        from visionpeft.vla.interpret import format_nearest_words, write_nearest_words
+
+        records = write_nearest_words(model, Path(output_dir) / "nearest_words.json")
+        logger.info("nearest words of the learned context:\n%s", format_nearest_words(records))

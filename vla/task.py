@@ -13,6 +13,10 @@ Data keys:
 * ``eval_split`` (``test`` or ``val``), ``image_size`` (default: the model's), ``skip_bad``,
   ``allow_fewer`` (keep a class with fewer images than ``shots`` whole, as Dassl does).
 
+The task trains any method whose config takes ``classnames``: it offers every method config the
+data set's ``classnames``, the model's ``tokenizer`` and the ``dataset`` name (for the fields a
+config declares and the user left unset; :func:`visionpeft.config.offer`). It names no method.
+
 Evaluation reports ``accuracy`` in percent (and ``base``, ``novel``, ``hm`` for base-to-novel)
 and writes ``results.json`` in the run folder, one record that ``python -m
 visionpeft.vla.summary`` averages over seeds and data sets. Learned contexts also get
@@ -21,11 +25,12 @@ visionpeft.vla.summary`` averages over seeds and data sets. Learned contexts als
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,20 +38,59 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import visionpeft as vp
+from visionpeft.config import declares, field, offer
 from visionpeft.errors import ConfigError
 from visionpeft.files import atomic_write_text
-from visionpeft.runconfig import check_section
-from visionpeft.task import Task
+from visionpeft.registry import get_method, list_methods
+from visionpeft.task import DataConfig, Task
 
 logger = logging.getLogger("visionpeft")
 
 FORMATS = ("coop", "imagefolder")
-SETTINGS = ("fewshot", "base2novel")
-OPTIONS: dict[str, tuple[type, ...]] = {
-    "dataset": (str,), "setting": (str,), "shots": (int,), "image_size": (int,), "skip_bad": (bool,),
-    "allow_fewer": (bool,),
-}
-PROMPT_METHODS = ("coop", "cocoop", "maple", "zeroshot")
+#: what a YAML user does about an unreadable image
+SKIP_HINT = "set data.skip_bad: true"
+
+
+@dataclasses.dataclass
+class VlaData(DataConfig):
+    """The ``data`` keys of the vla task."""
+
+    dataset: str | None = field(None, help="the CoOp data set (Caltech101, EuroSAT, ...); required for format coop")
+    setting: Literal["fewshot", "base2novel"] = field(
+        "fewshot", help="fewshot: all classes; base2novel: train on the base half, report base, novel and HM"
+    )
+    shots: int = field(16, help="training images per class (-1: all), sampled as Dassl does", ge=-1)
+    image_size: int | None = field(None, help="input resolution; default: the model's", ge=1)
+    skip_bad: bool = field(False, help="drop unreadable images instead of stopping")
+    allow_fewer: bool = field(False, help="keep a class with fewer images than shots whole, as Dassl does")
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format: {self.format!r} is not supported; choose one of {list(FORMATS)}")
+        if self.root is None:
+            raise ConfigError("data.root: missing; give the folder holding the data sets ($DATA in CoOp's DATASETS.md)")
+        if self.shots == 0:
+            raise ConfigError("data.shots: 0 images per class trains nothing; give a number >= 1, or -1 for all")
+        if self.train_split is not None:
+            raise ConfigError("data.train_split: the vla task trains on the few-shot sample of the data set's own "
+                              "training split (data.shots); remove it")
+        if self.eval_split not in (None, "test", "val", "none"):
+            raise ConfigError(f"data.eval_split: {self.eval_split!r}; choose test, val or none")
+        if self.format == "coop":
+            from visionpeft.vla.data import canonical_dataset
+
+            if self.dataset is None:
+                raise ConfigError("data.dataset: missing; name one of CoOp's data sets, e.g. Caltech101")
+            try:
+                canonical_dataset(self.dataset)
+            except ValueError as err:
+                raise ConfigError(f"data.dataset: {err}") from err
+
+
+def class_name_methods() -> list[str]:
+    """The registered methods whose config takes ``classnames``: the ones this task can train."""
+    return [m.name for m in list_methods() if declares(get_method(m.name).Config, "classnames")]
+
 
 # Dassl's optimisation, shared by the three papers: SGD (momentum 0.9, weight decay 5e-4 on every
 # tensor), cosine stepped per epoch after one constant warmup epoch at 1e-5, the last incomplete
@@ -81,6 +125,7 @@ class VlaTask(Task):
     """Open-vocabulary classification with a prompted open_clip model."""
 
     name = "vla"
+    Data = VlaData
     recipes: ClassVar[dict[str, dict[str, Any]]] = RECIPES
 
     @classmethod
@@ -95,38 +140,20 @@ class VlaTask(Task):
     def check_config(cls, run: Any) -> None:
         if not run.model.name:
             raise ConfigError("model.name: missing; give an open_clip architecture, e.g. ViT-B-16")
-        fmt = run.data.format
-        if fmt not in FORMATS:
-            raise ConfigError(f"data.format: {fmt!r} is not supported; choose one of {list(FORMATS)}")
-        if run.data.root is None:
-            raise ConfigError("data.root: missing; give the folder holding the data sets ($DATA in CoOp's DATASETS.md)")
-        check_section("data", run.data.options, OPTIONS)
-        setting = run.data.options.get("setting", "fewshot")
-        if setting not in SETTINGS:
-            raise ConfigError(f"data.setting: {setting!r} is not allowed; choose one of {list(SETTINGS)}")
-        if fmt == "coop":
-            from visionpeft.vla.data import canonical_dataset
-
-            if "dataset" not in run.data.options:
-                raise ConfigError("data.dataset: missing; name one of CoOp's data sets, e.g. Caltech101")
-            try:
-                canonical_dataset(run.data.options["dataset"])
-            except ValueError as err:
-                raise ConfigError(f"data.dataset: {err}") from err
-        if run.method.get("csc") and setting == "base2novel":
-            raise ConfigError("method.csc: class-specific contexts cannot classify novel classes; use csc: false for "
-                              "data.setting: base2novel")
-        if "classnames" in run.method:
+        method = run.method
+        if not declares(type(method), "classnames"):
+            raise ConfigError(
+                f"method.name: {method.method!r} does not classify images by class names (its config takes no "
+                f"classnames); the vla task trains {class_name_methods()}"
+            )
+        if method.classnames:
             raise ConfigError("method.classnames: the class names come from the data set; remove the key")
-        if run.data.eval_split not in (None, "test", "val", "none"):
-            raise ConfigError(f"data.eval_split: {run.data.eval_split!r}; choose test, val or none")
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
-        self.data = run.data
-        self.options = dict(run.data.options)
-        self.setting = self.options.get("setting", "fewshot")
-        self.shots = self.options.get("shots", 16)
+        self.data: VlaData = run.data
+        self.setting = self.data.setting
+        self.shots = self.data.shots
         self._splits: Any = None
         self._model: nn.Module | None = None
         self._datasets: dict[str, Dataset] = {}
@@ -138,7 +165,7 @@ class VlaTask(Task):
         """The CoOp name of the data set (``None`` for an image folder without ``dataset``)."""
         from visionpeft.vla.data import canonical_dataset
 
-        name = self.options.get("dataset")
+        name = self.data.dataset
         return canonical_dataset(name) if name is not None else None
 
     def splits(self) -> dict[str, Any]:
@@ -149,13 +176,12 @@ class VlaTask(Task):
 
         root = Path(self.data.root)
         if self.data.format == "coop":
-            full = data.load_dataset(self.dataset_name, root, check_files=not self.options.get("skip_bad", False))
+            full = data.load_dataset(self.dataset_name, root, check_files=not self.data.skip_bad, skip_hint=SKIP_HINT)
         else:
             full = data.imagefolder_splits(root, dataset=self.dataset_name)
-        # The zero-shot baseline trains on nothing, so it draws no few-shot set.
-        shots = -1 if self.run.method["name"] == "zeroshot" else self.shots
-        sampled = fewshot.fewshot_splits(full, shots, seed=self.run.train.seed,
-                                         allow_fewer=self.options.get("allow_fewer", False))
+        # A method that trains nothing (the zero-shot baseline) draws no few-shot set.
+        shots = self.shots if get_method(self.run.method.method).trains else -1
+        sampled = fewshot.fewshot_splits(full, shots, seed=self.run.train.seed, allow_fewer=self.data.allow_fewer)
         splits: dict[str, Any] = {}
         if self.setting == "base2novel":
             splits["train"] = fewshot.base_novel_splits(sampled, "base")
@@ -173,7 +199,7 @@ class VlaTask(Task):
         from visionpeft.vla.transforms import build_transform, model_preprocess
 
         size, mean, std = model_preprocess(self._model.clip if hasattr(self._model, "clip") else self._model)
-        return build_transform(train, self.options.get("image_size", size), mean, std)
+        return build_transform(train, self.data.image_size or size, mean, std)
 
     def _dataset(self, key: str, items: list, train: bool) -> Dataset:
         from visionpeft.vla.data import ImageDataset
@@ -181,9 +207,8 @@ class VlaTask(Task):
         if key not in self._datasets:
             if self._model is None:
                 raise ConfigError("build the model before the data: the transform uses the model's preprocessing")
-            self._datasets[key] = ImageDataset(items, self._transform(train), skip_bad=self.options.get("skip_bad",
-                                                                                                         False),
-                                               source=f"{self.data.root} ({key})")
+            self._datasets[key] = ImageDataset(items, self._transform(train), skip_bad=self.data.skip_bad,
+                                               skip_hint=SKIP_HINT, source=f"{self.data.root} ({key})")
         return self._datasets[key]
 
     def train_dataset(self) -> Dataset:
@@ -211,24 +236,15 @@ class VlaTask(Task):
         classnames = self.classnames()
         if adapter is not None:
             model = vp.load(clip, adapter)
-            if hasattr(model, "set_classnames"):
-                model.set_classnames(classnames)
+            if not hasattr(model, "set_classnames"):
+                raise ConfigError(f"--adapter {adapter}: its method does not classify images by class names; the vla "
+                                  f"task evaluates {class_name_methods()}")
+            model.set_classnames(classnames)
         else:
-            method = {k: v for k, v in self.run.method.items() if k != "name"}
-            name = self.run.method["name"]
-            if name in PROMPT_METHODS:
-                method["classnames"] = classnames
-                if name == "zeroshot" and method.get("template_set") in ("custom", "ensemble"):
-                    method.setdefault("dataset", self.dataset_name)
-                # The model's own tokenizer (open_clip knows it by the model's name).
-                method.setdefault("tokenizer", None if self.run.model.name.startswith(("local-dir:", "hf-hub:")) else
-                                  self.run.model.name)
-            model = vp.attach(clip, name, **method)
-        if not hasattr(model, "set_classnames"):
-            raise ConfigError(
-                f"method.name: {self.run.method['name']!r} does not classify images by class names; the vla task "
-                f"trains {list(PROMPT_METHODS)}"
-            )
+            # The model's own tokenizer (open_clip knows it by the model's name).
+            tokenizer = None if model_cfg.name.startswith(("local-dir:", "hf-hub:")) else model_cfg.name
+            config = offer(self.run.method, classnames=classnames, tokenizer=tokenizer, dataset=self.dataset_name)
+            model = vp.attach(clip, config)
         self._model = model
         return model
 
@@ -282,7 +298,7 @@ class VlaTask(Task):
         if not PartialState().is_main_process:
             return
         record = {
-            "method": self.run.method["name"], "dataset": self.dataset_name or str(self.data.root),
+            "method": self.run.method.method, "dataset": self.dataset_name or str(self.data.root),
             "seed": self.run.train.seed, "setting": self.setting, "shots": self.shots, "step": self.step,
             "eval_split": self.data.eval_split or "test",
         }
@@ -292,11 +308,3 @@ class VlaTask(Task):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "results.json", json.dumps(record, indent=2) + "\n")
 
-    def export(self, model: nn.Module, output_dir: str | os.PathLike) -> None:
-        """Write ``nearest_words.json`` for a learned context, and log it."""
-        if getattr(getattr(model, "prompt_learner", None), "ctx", None) is None:
-            return
-        from visionpeft.vla.interpret import format_nearest_words, write_nearest_words
-
-        records = write_nearest_words(model, Path(output_dir) / "nearest_words.json")
-        logger.info("nearest words of the learned context:\n%s", format_nearest_words(records))

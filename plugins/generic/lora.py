@@ -12,6 +12,7 @@ peft is imported only when a LoRA is attached.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import warnings
 from typing import Literal
@@ -24,7 +25,7 @@ from visionpeft.errors import ConfigError
 from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
 from visionpeft.hosts import Host, find_host
 from visionpeft.inject import find_modules, replace_module
-from visionpeft.method import Method
+from visionpeft.method import Method, RunInfo
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
 
@@ -184,3 +185,9 @@ class LoRA(Method):
         if self._head is not None:
             tensors.update(head_tensors(model, self._head, self.adapter_name))
         return tensors
+
+    def export(self, model: nn.Module, output_dir: str | os.PathLike, run: RunInfo) -> None:
+        """The LoRA files of the model family's tools, when its host writes them (``Host.lora_export``)."""
+        host = find_host(model)
+        if host is not None and host.lora_export is not None:
+            host.lora_export(model, output_dir, run)
