@@ -43,9 +43,10 @@ class DataConfig(Section):
 class Task:
     """The domain side of a training run.
 
-    A task is built from the validated run config (a :class:`~visionpeft.runconfig.RunConfig`).
-    :meth:`check_config` runs before any model is built and must reject wrong ``data`` and
-    ``model`` keys with the key's path. The trainer then calls, in order: :meth:`build_model`,
+    A task is built from the validated run config (a :class:`~visionpeft.runconfig.RunConfig`),
+    whose ``data`` is an instance of the task's :attr:`Data` dataclass. :meth:`check_config` runs
+    before any model is built, for the rules that span sections (a ``model`` key the domain needs,
+    what the method takes from the data). The trainer then calls, in order: :meth:`build_model`,
     :meth:`train_dataset`, :meth:`eval_dataset`, and per batch :meth:`loss`; :meth:`evaluate`
     every ``eval_every`` steps; :meth:`export` at the end.
     """
@@ -69,7 +70,11 @@ class Task:
 
     @classmethod
     def check_config(cls, run: Any) -> None:
-        """Validate the domain's keys of ``run``; raise :class:`ConfigError` naming the key path."""
+        """Check what spans ``run``'s sections; raise :class:`ConfigError` naming the key path.
+
+        The ``data`` section has already been validated by :attr:`Data`; ask the method (its
+        class, its config's fields) rather than its name.
+        """
 
     def build_model(self, adapter: str | os.PathLike | None = None) -> nn.Module:
         """Build the backbone and attach the method; return the model to use.

@@ -58,3 +58,20 @@ def test_demo_options_reach_the_demo(capsys):
     assert "--output-dir" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["methods", "--output-dir", "x"])
+
+
+def test_demo_lists_the_registered_demos_and_names_a_missing_one(capsys):
+    assert main(["demo", "--list"]) == 0
+    assert "visionpeft demo vit (the default)" in capsys.readouterr().out
+    assert main(["demo", "nope"]) == 2
+    assert "no demo 'nope'; installed: vit" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["demo", "vit", "--help"])  # a named demo gets the options after its name
+    assert err.value.code == 0 and "--output-dir" in capsys.readouterr().out
+
+
+def test_methods_takes_any_registered_domain_and_lists_them_for_an_unknown_one(capsys):
+    assert main(["methods", "--domain", "diffusion"]) == 0
+    assert "textual_inversion" in capsys.readouterr().out
+    assert main(["methods", "--domain", "audio"]) == 2
+    assert "the installed methods' domains are ['core', " in capsys.readouterr().err

@@ -145,3 +145,21 @@ def test_a_third_party_diffusion_method_takes_conditions_and_feeds_the_unet(thir
     with pytest.raises(vp.errors.ConfigError, match="only the .*throwaway_pooled_control.* uses condition images"):
         load_run_config(_write(tmp_path, tree))
 
+
+
+def test_a_third_party_task_missing_its_libraries_names_its_own_extra(tmp_path, monkeypatch):
+    """The core names no domain: the install hint comes from the declaring package's own extras."""
+    site = tmp_path / "site"
+    (site / "audio_pkg-0.1.dist-info").mkdir(parents=True)
+    (site / "audio_pkg.py").write_text("import a_library_that_is_not_installed\n")
+    (site / "audio_pkg-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: audio-pkg\nVersion: 0.1\nProvides-Extra: audio\n")
+    (site / "audio_pkg-0.1.dist-info" / "entry_points.txt").write_text("[visionpeft.tasks]\naudio = audio_pkg:Task\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    from visionpeft.task import available_tasks, get_task
+
+    assert "audio" in available_tasks()
+    with pytest.raises(vp.errors.ConfigError, match=r"task: 'audio' needs libraries that are not installed "
+                       r"\(No module named 'a_library_that_is_not_installed'\); pip install 'audio-pkg\[audio\]'"):
+        get_task("audio")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from visionpeft.runconfig import apply_overrides, load_run_config, parse_run_con
 from visionpeft.task import DataConfig, Task, register_task, unregister_task
 
 BUILT = []
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @dataclasses.dataclass
@@ -184,3 +186,15 @@ def test_a_domains_data_section_names_the_key_and_what_is_allowed():
     assert "frames" not in data.to_dict() and video.to_dict()["frames"] == 2
     assert build_dataclass(_Data, data.to_dict(), "data.") == data
     assert build_dataclass(_Data, video.to_dict(), "data.") == video
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_examples_resolved_config_parses_back_to_the_same_run(example, tmp_path):
+    """What a run writes as config.yaml (RunConfig.to_dict) replays it, in every domain."""
+    tree = yaml.safe_load((EXAMPLES / example).read_text())
+    if (tree.get("data") or {}).get("class_root"):
+        tree["data"]["class_root"] = str(tmp_path)  # prior preservation checks that its folder exists
+    run = parse_run_config(tree)
+    resolved = yaml.safe_load(yaml.safe_dump(run.to_dict()))
+    assert parse_run_config(resolved) == run
+    assert resolved["method"]["name"] == tree["method"]["name"]

@@ -243,3 +243,11 @@ def test_dassl_recipe_decays_every_trained_tensor_as_the_original(tmp_path, euro
     by_group = {g["group"]: {names[id(p)] for p in g["params"]} for g in plain.param_groups}
     assert "prompt_learner.ctx" in by_group["decay"]
     assert {n for n in trained if model.get_parameter(n).ndim <= 1} == by_group["no_decay"]
+
+
+def test_too_few_images_for_the_shots_says_what_to_set_in_yaml(tmp_path, eurosat_root, tiny_arch, capsys):
+    path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "coop"})
+    assert main(["train", str(path), "--set", "data.shots=8"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than the 8 shots asked for; lower data.shots, or set data.allow_fewer: true" in err
+    assert "=True" not in err

@@ -44,8 +44,13 @@ def _check_shots(num_shots: int) -> int:
     return num_shots
 
 
+#: what a Python caller does about a class with too few images
+FEWER_HINT = "use fewer shots, allow_fewer=True to keep the class whole (as CoOp does) or repeat=True to sample with " \
+    "replacement"
+
+
 def sample_fewshot(items: Sequence[Datum], num_shots: int, seed: int | None = None, rng: random.Random | None = None,
-                   repeat: bool = False, allow_fewer: bool = False) -> list[Datum]:
+                   repeat: bool = False, allow_fewer: bool = False, fewer_hint: str = FEWER_HINT) -> list[Datum]:
     """``num_shots`` items per label, drawn as Dassl's ``generate_fewshot_dataset`` draws them.
 
     For each label in first-appearance order: ``rng.sample(group, K)`` when the group has K items or more;
@@ -74,14 +79,14 @@ def sample_fewshot(items: Sequence[Datum], num_shots: int, seed: int | None = No
                            group[0].classname, len(group), num_shots)
             sampled += group
         else:
-            raise DataError(f"class {label} ({group[0].classname!r}) has {len(group)} image(s), fewer than "
-                            f"num_shots={num_shots}; use fewer shots, allow_fewer=True to keep the class whole "
-                            "(as CoOp does) or repeat=True to sample with replacement")
+            asked = f"num_shots={num_shots}" if fewer_hint == FEWER_HINT else f"the {num_shots} shots asked for"
+            raise DataError(f"class {label} ({group[0].classname!r}) has {len(group)} image(s), fewer than {asked}; "
+                            f"{fewer_hint}")
     return sampled
 
 
 def fewshot_splits(splits: Splits, num_shots: int, seed: int, repeat: bool = False,
-                   allow_fewer: bool = False) -> Splits:
+                   allow_fewer: bool = False, fewer_hint: str = FEWER_HINT) -> Splits:
     """The few-shot version of ``splits``: K shots per class of train, then ``min(K, 4)`` of val, test unchanged.
 
     Both draws come from one ``random.Random(seed)``, train first: the same calls as CoOp's dataset classes
@@ -96,7 +101,8 @@ def fewshot_splits(splits: Splits, num_shots: int, seed: int, repeat: bool = Fal
         return make_splits(splits.train, splits.val, splits.test, splits.val_is_test)
     rng = random.Random(seed)
     try:
-        train = sample_fewshot(splits.train, num_shots, rng=rng, repeat=repeat, allow_fewer=allow_fewer)
+        train = sample_fewshot(splits.train, num_shots, rng=rng, repeat=repeat, allow_fewer=allow_fewer,
+                               fewer_hint=fewer_hint)
     except DataError as exc:
         raise DataError(f"train split: {exc}") from None
     if splits.val_is_test:
@@ -104,7 +110,7 @@ def fewshot_splits(splits: Splits, num_shots: int, seed: int, repeat: bool = Fal
     elif splits.val:
         try:
             val = sample_fewshot(splits.val, min(num_shots, VAL_SHOTS_MAX), rng=rng, repeat=repeat,
-                                 allow_fewer=allow_fewer)
+                                 allow_fewer=allow_fewer, fewer_hint=fewer_hint)
         except DataError as exc:
             raise DataError(f"val split ({min(num_shots, VAL_SHOTS_MAX)} shots = min(K, 4)): {exc}") from None
     else:

@@ -181,7 +181,10 @@ class VlaTask(Task):
             full = data.imagefolder_splits(root, dataset=self.dataset_name)
         # A method that trains nothing (the zero-shot baseline) draws no few-shot set.
         shots = self.shots if get_method(self.run.method.method).trains else -1
-        sampled = fewshot.fewshot_splits(full, shots, seed=self.run.train.seed, allow_fewer=self.data.allow_fewer)
+        sampled = fewshot.fewshot_splits(
+            full, shots, seed=self.run.train.seed, allow_fewer=self.data.allow_fewer,
+            fewer_hint="lower data.shots, or set data.allow_fewer: true to keep the class whole (as CoOp does)",
+        )
         splits: dict[str, Any] = {}
         if self.setting == "base2novel":
             splits["train"] = fewshot.base_novel_splits(sampled, "base")

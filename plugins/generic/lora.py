@@ -94,7 +94,8 @@ class LoRA(Method):
         patterns = self.config.targets if self.config.targets is not None else list(host.lora_targets)
         patterns = expand_presets(patterns, host)
         if not patterns:
-            raise ConfigError(f"lora.targets: the host {host.family!r} has no default LoRA targets; pass targets=")
+            raise ConfigError(f"lora.targets: the host {host.family!r} has no default LoRA targets; give lora.targets "
+                              "(full-match module-name patterns)")
         from peft.tuners.lora import LoraLayer
 
         names = find_modules(model, patterns)
