@@ -55,8 +55,8 @@ def _enable_checkpointing(model: nn.Module) -> None:
             encoder.gradient_checkpointing_enable()
 
 
-def _export_lora(model: nn.Module, output_dir: Any, run: Any) -> None:
-    """The run's LoRA in diffusers' and kohya's formats, the kohya file with the run's ``ss_*`` metadata."""
+def _export_lora(model: nn.Module, output_dir: Any, run: Any, adapter_name: str) -> None:
+    """LoRA ``adapter_name`` in diffusers' and kohya's formats, the kohya file with the run's ``ss_*`` metadata."""
     from visionpeft.diffusion.lora_export import export_lora
 
     metadata = {"ss_output_name": Path(output_dir).name}
@@ -66,7 +66,7 @@ def _export_lora(model: nn.Module, output_dir: Any, run: Any) -> None:
         resolution = getattr(config.data, "resolution", None)
         if resolution is not None:
             metadata["ss_resolution"] = f"({resolution}, {resolution})"
-    export_lora(model, output_dir, **metadata)
+    export_lora(model, output_dir, adapter_name, **metadata)
 
 
 STABLE_DIFFUSION = Host(

@@ -162,7 +162,7 @@ class StableDiffusionModel(nn.Module):
         """Build :meth:`to_pipeline`'s pipeline with ``factory(components, is_sdxl)`` while registered.
 
         ``components`` are the keyword arguments every pipeline of the family takes (the shared
-        modules, and the family's safety-checker / watermark settings); a method whose inference
+        modules, no safety checker, no feature extractor); a method whose inference
         needs another pipeline class (an Adapter pipeline) adds its own module to them. One
         factory at a time: a second is an error until the first is removed.
         """
@@ -259,7 +259,11 @@ class StableDiffusionModel(nn.Module):
         if self._unet_input_hooks:
             call = UNetCall(noisy_latents, timesteps, hidden, condition, dtype)
             for hook in list(self._unet_input_hooks.values()):
-                kwargs.update(hook(call))
+                extra = hook(call)
+                taken = sorted(set(extra) & set(kwargs))
+                if taken:
+                    raise ConfigError(f"two attached methods both set the UNet's {taken}; attach only one of them")
+                kwargs.update(extra)
         return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=hidden, **kwargs).sample
 
     # -- latents --

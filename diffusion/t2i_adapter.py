@@ -181,12 +181,14 @@ class T2IAdapterMethod(DiffusionMethod):
         if like.dtype not in (torch.float16, torch.bfloat16, adapter.dtype):
             adapter = adapter.to(like.dtype)  # e.g. a float64 model in tests; half precision stays fp32
         adapter.requires_grad_(True)
-        self._handles = [adapter.register_forward_pre_hook(self._check_condition)]
+        # The pipeline first: it is the one registration that can be refused (another method chose the
+        # model's pipeline), and then nothing on the model has changed.
+        self._handles = [model.register_pipeline(lambda parts, sdxl: self._pipeline(adapter, parts, sdxl))]
+        self._handles.append(adapter.register_forward_pre_hook(self._check_condition))
         if self.config.adapter_conditioning_scale != 1.0:
             self._handles.append(adapter.register_forward_hook(self._scale))
         model.add_module(ATTR, adapter)
         self._handles.append(model.register_unet_inputs(lambda call: self._residuals(adapter, call)))
-        self._handles.append(model.register_pipeline(lambda parts, sdxl: self._pipeline(adapter, parts, sdxl)))
         return model
 
     @staticmethod

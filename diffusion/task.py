@@ -66,9 +66,14 @@ class LossOptions(Section):
     snr_gamma: float | None = field(None, help="min-SNR weighting gamma (5.0 is the paper's); null: off", gt=0)
     noise_offset: float = field(0.0, help="noise offset (0.05-0.1 for darker / brighter images)", ge=0)
     prior_loss_weight: float = field(1.0, help="weight of the class images' loss (prior preservation)", ge=0)
-    timestep_sampling: Literal["uniform", "cubic"] = field(
-        "uniform", help="uniform, or cubic: the T2I-Adapter paper's (more early, noisy steps)"
-    )
+    timestep_sampling: str = field("uniform", help="uniform, or cubic: the T2I-Adapter paper's (more noisy steps)")
+
+    def check(self) -> None:
+        from visionpeft.diffusion.loss import TIMESTEP_SAMPLING
+
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ConfigError(f"data.loss.timestep_sampling: {self.timestep_sampling!r} is not allowed; choose one of "
+                              f"{list(TIMESTEP_SAMPLING)} (cubic: the T2I-Adapter paper's)")
 
 
 @dataclasses.dataclass
@@ -80,7 +85,7 @@ class SamplingOptions(Section):
     prompts: list[str] = field([], help="prompts to sample at each train.eval_every and at the end")
     steps: int = field(25, help="inference steps", ge=1)
     guidance: float = field(7.5, help="classifier-free guidance scale", ge=0)
-    seed: int = field(0, help="seed of the first prompt (the next prompts count up)", ge=0)
+    seed: int = field(0, help="seed of the first prompt (the next prompts count up)")
     negative_prompt: str | None = field(None, help="the negative prompt")
     conditions: list[str] | None = field(None, help="condition images, one per prompt (methods that take them)")
 

@@ -156,6 +156,7 @@ def write_checkpoint(
     """
     state = {
         **progress,
+        "param_groups": param_group_names(model, optimizer),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -197,6 +198,9 @@ def restore_checkpoint(
     ``state`` is :func:`read_state` of ``checkpoint``; the trainer takes its position from it.
     Process ``rank`` gets its own RNG state when the run had as many processes, else the first.
     """
+    saved, current = state.get("param_groups"), param_group_names(model, optimizer)
+    if saved is not None and saved != current:
+        raise TrainingError(f"resume: {_group_difference(saved, current)}; {_RESUME_HINT}")
     load_adapters(model, Path(checkpoint) / ADAPTER_DIR)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -204,12 +208,44 @@ def restore_checkpoint(
             if name not in params:
                 raise TrainingError(f"resume: the checkpoint trains {name!r}, which this model lacks")
             params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # a checkpoint from before the groups were recorded
+        raise TrainingError(f"resume: the checkpoint's optimizer does not fit this run ({err}); "
+                            f"{_RESUME_HINT}") from err
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     set_rng_state(rng[rank] if len(rng) == world_size else rng[0])
+
+
+_RESUME_HINT = ("the trained tensors or their weight-decay groups changed (the method, its config, train.weight_decay "
+                "or train.decay_all); resume with the run config that wrote the checkpoint, or start in a new "
+                "output_dir")
+
+
+def param_group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, list[str]]:
+    """The qualified names of the tensors in each of the optimizer's groups, by group label.
+
+    Recorded in checkpoints so that a resume whose groups differ fails with the reason instead of
+    loading moments onto other tensors (which ``load_state_dict`` would do when only sizes match).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {str(g.get("group", i)): [names.get(id(p), "?") for p in g["params"]]
+            for i, g in enumerate(optimizer.param_groups)}
+
+
+def _group_difference(saved: Mapping[str, list[str]], current: Mapping[str, list[str]]) -> str:
+    parts = []
+    for group in sorted(set(saved) | set(current)):
+        before, now = saved.get(group, []), current.get(group, [])
+        gone, new = [n for n in before if n not in now], [n for n in now if n not in before]
+        changes = ([f"{len(gone)} tensor(s) no longer in it (e.g. {gone[0]})"] if gone else []) + (
+            [f"{len(new)} new (e.g. {new[0]})"] if new else [])
+        if changes:
+            parts.append(f"group {group!r}: " + ", ".join(changes))
+    return "the optimizer's groups differ from the checkpoint's (" + ("; ".join(parts) or "order changed") + ")"
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:

@@ -144,24 +144,46 @@ def _applies(f: dataclasses.Field, data: typing.Mapping[str, Any], defaults: typ
     return True
 
 
+def _yaml_value(value: Any) -> str:
+    """A value as a YAML user writes it (``null``, ``true``, ``'vtab'``), for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def build_dataclass(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError` naming them.
 
     A field with ``only_for={"format": ("video",)}`` metadata is an unknown key unless ``format``
     (given, or its default) is one of those values; for such a dataclass the error says for which
-    ``format`` the keys were refused and lists the keys that value allows.
+    ``format`` the keys were refused and lists the keys that value allows (a ``format`` the
+    dataclass itself refuses is reported first). In a :class:`Section`, a null value means the
+    key's default; a field without a default that is not given is reported missing.
     """
     where = prefix.rstrip(".") or cls.__name__
     if not isinstance(data, typing.Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    if issubclass(cls, Section):
+        # In a run-config section an empty YAML value (``key:``) is null and means "the default".
+        data = {k: v for k, v in data.items() if v is not None}
     fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     allowed = [f.name for f in fields if _applies(f, data, defaults)]
     unknown = sorted(set(data) - set(allowed))
     if unknown:
+        if set(unknown) <= names:
+            # Only keys another key's value rules out: a wrong value of that key is the real error.
+            cls(**{k: v for k, v in data.items() if k not in unknown})
         conditions = sorted({k for f in fields for k in f.metadata.get("only_for", {})})
-        context = "".join(f" for {k} {data.get(k, defaults.get(k))!r}" for k in conditions)
+        context = "".join(f" for {k} {_yaml_value(data.get(k, defaults.get(k)))}" for k in conditions)
         raise ConfigError(f"{where}: unknown key(s) {unknown}{context}; allowed keys are {allowed}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
     return cls(**data)
 
 
@@ -231,17 +253,19 @@ class Section:
         }
 
 
-def offer(config: Any, **values: Any) -> Any:
-    """``config`` with each of ``values`` set whose field it declares and left at its default.
+def offer(config: Any, given: typing.Iterable[str] = (), **values: Any) -> Any:
+    """``config`` with each of ``values`` set whose field it declares and the user did not set.
 
     This is how a task hands a method what only the task knows (the data set's class names, the
-    model's tokenizer): a method that wants a value declares a config field of that name, and a
-    value the user set explicitly is kept. The result is a new, validated config; ``config`` is
+    model's tokenizer): a method that wants a value declares a config field of that name. A field
+    named in ``given`` (the keys the user wrote, ``RunConfig.method_keys``) keeps its value, and so
+    does one that differs from its default. The result is a new, validated config; ``config`` is
     unchanged.
     """
+    given = set(given)
     updates = {}
     for f in dataclasses.fields(config):
-        if f.name not in values:
+        if f.name not in values or f.name in given:
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default

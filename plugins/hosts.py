@@ -47,7 +47,7 @@ class Host:
         untrained: qualified names of submodules that only ever run without gradients (Stable
             Diffusion's VAE encodes latents under ``no_grad``); generic methods leave their
             tensors alone, which would otherwise be trained tensors that never get a gradient.
-        lora_export: ``lora_export(model, output_dir, run)`` writes a trained LoRA of this family
+        lora_export: ``lora_export(model, output_dir, run, adapter_name)`` writes a trained LoRA of this family
             in the formats its users' tools load (kohya's for Stable Diffusion); the generic
             ``lora`` method's :meth:`~visionpeft.method.Method.export` calls it. ``run`` is a
             :class:`~visionpeft.method.RunInfo`.
@@ -61,7 +61,7 @@ class Host:
     frozen_backbone_eval: bool = False
     target_presets: Mapping[str, Sequence[str]] = field(default_factory=dict)
     untrained: Sequence[str] = ()
-    lora_export: Callable[[nn.Module, Any, Any], None] | None = None
+    lora_export: Callable[[nn.Module, Any, Any, str], None] | None = None
 
 
 def register_host(host: Host) -> Host:

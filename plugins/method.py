@@ -140,8 +140,8 @@ class Method:
     def export(self, model: nn.Module, output_dir: str | os.PathLike, run: RunInfo) -> None:
         """Write, into ``output_dir``, the files this method's users load in their own tools.
 
-        Called by the trainer at the end of a run (beside ``adapter/``, which every method gets)
-        and by ``visionpeft export``. The default writes nothing.
+        Called by the trainer at the end of a run, beside ``adapter/`` (which every method gets).
+        The default writes nothing.
         """
 
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:

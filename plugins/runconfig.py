@@ -128,6 +128,9 @@ class RunConfig:
     train: TrainConfig
     output_dir: str
     task_class: type = dataclasses.field(default=None, compare=False, repr=False)
+    #: the method keys the run config gives (``name`` aside), so a task can tell a value the user
+    #: chose from a default it may fill in (:func:`visionpeft.config.offer`)
+    method_keys: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def make_task(self) -> Any:
         """The task of this run (one instance per run: the trainer and the CLI share it)."""
@@ -138,7 +141,9 @@ class RunConfig:
         return {
             "task": self.task,
             "model": plain(self.model),
-            "method": {"name": self.method.method, **self.method.to_dict()},
+            # The keys the user gave, as given: a task fills the others (a default it may offer a value for).
+            "method": {"name": self.method.method,
+                       **{k: v for k, v in self.method.to_dict().items() if k in self.method_keys}},
             "data": self.data.to_dict(),
             "train": plain(self.train),
             "output_dir": self.output_dir,
@@ -198,18 +203,25 @@ def parse_run_config(tree: Any) -> RunConfig:
     except ValueError as err:
         raise ConfigError(f"method.name: {err}") from err
     task_cls = get_task(tree["task"])
-    train = build_dataclass(TrainConfig, _with_recipe(task_cls, tree.get("train") or {}, tree), "train.")
-    data = build_dataclass(task_cls.Data, tree.get("data") or {}, "data.")
+    train_tree = tree.get("train") or {}
+    # A recipe may depend on the data (CoOp's epochs follow the shots), so it reads the validated
+    # section; without one, the train keys are checked first.
+    wants_recipe = isinstance(train_tree, dict) and train_tree.get("recipe") is not None
+    data = build_dataclass(task_cls.Data, tree.get("data") or {}, "data.") if wants_recipe else None
+    train = build_dataclass(TrainConfig, _with_recipe(task_cls, train_tree, data), "train.")
+    if data is None:
+        data = build_dataclass(task_cls.Data, tree.get("data") or {}, "data.")
     output_dir = tree.get("output_dir", "runs/run")
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"output_dir: expected a folder path, got {output_dir!r}")
-    run = RunConfig(tree["task"], model, method_cfg, data, train, output_dir, task_class=task_cls)
+    run = RunConfig(tree["task"], model, method_cfg, data, train, output_dir, task_class=task_cls,
+                    method_keys=frozenset(method) - {"name"})
     task_cls.check_config(run)
     get_method(method_cfg.method).check_run(method_cfg, run)
     return run
 
 
-def _with_recipe(task_cls: Any, train: Any, tree: dict[str, Any]) -> Any:
+def _with_recipe(task_cls: Any, train: Any, data: Any) -> Any:
     """The ``train`` section over the task's preset named by ``train.recipe`` (explicit keys win)."""
     if not isinstance(train, dict) or train.get("recipe") is None:
         return train
@@ -218,7 +230,7 @@ def _with_recipe(task_cls: Any, train: Any, tree: dict[str, Any]) -> Any:
     if name not in recipes:
         raise ConfigError(f"train.recipe: {name!r} is not a recipe of task {task_cls.name!r}; choose one of "
                           f"{sorted(recipes) or 'none'}")
-    return {**task_cls.recipe(name, tree), **train}
+    return {**task_cls.recipe(name, data), **train}
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:

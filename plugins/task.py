@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -63,9 +63,9 @@ class Task:
         self.step = 0
 
     @classmethod
-    def recipe(cls, name: str, tree: Mapping[str, Any]) -> dict[str, Any]:
-        """The ``train`` keys of preset ``name``; ``tree`` is the whole run config, for presets that
-        depend on the data (CoOp's epochs follow the number of shots)."""
+    def recipe(cls, name: str, data: Any) -> dict[str, Any]:
+        """The ``train`` keys of preset ``name``; ``data`` is the run's validated :attr:`Data` section,
+        for presets that depend on the data (CoOp's epochs follow the number of shots)."""
         return dict(cls.recipes[name])
 
     @classmethod

@@ -86,6 +86,11 @@ def _make_accelerator(precision: str) -> Any:
             "train.precision: fp16 needs a GPU (on CPU float16 kernels are slow or missing and loss scaling "
             "gains nothing); use train.precision: bf16 (or fp32) on CPU"
         )
+    if precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(
+            f"train.precision: bf16 is not supported by this GPU ({torch.cuda.get_device_name()}); use "
+            "train.precision: fp16 (with loss scaling) or fp32"
+        )
     return accelerator
 
 
@@ -174,9 +179,10 @@ class Trainer:
             enable_gradient_checkpointing(self.model)
         optimizer = build_optimizer(self.model, train, acc.num_processes)
         scheduler = build_scheduler(optimizer, train, total, steps_per_epoch, acc.num_processes)
-        # Only the model is prepared: the optimizer stays a plain torch one, which the trainer's own
-        # loss scaler steps (accelerate's wrapper would expect accelerate's scaler).
-        wrapped = acc.prepare(self.model)
+        # Model and optimizer are prepared together, as FSDP, DeepSpeed and XLA need; accelerate runs
+        # at mixed_precision "no", so its optimizer wrapper holds no scaler and the trainer's own
+        # GradScaler (fp16) steps it like a plain torch optimizer.
+        wrapped, optimizer = acc.prepare(self.model, optimizer)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.scaler = torch.amp.GradScaler(acc.device.type) if self.precision == "fp16" else None
         try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 import visionpeft as vp
+from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
 from visionpeft.generic.lora import LoRAConfig
 
@@ -81,3 +83,19 @@ def test_config_object_and_kwargs_are_exclusive():
 
     with pytest.raises(ConfigError, match="not both"):
         vp.attach(toy_net(), vp.config("lora"), r=4)
+
+
+def test_offer_fills_only_declared_fields_the_user_left_unset():
+    from visionpeft.config import declares, offer
+
+    @dataclasses.dataclass
+    class Wants(MethodConfig):
+        classnames: list[str] = field([])
+        tokenizer: str | None = field(None)
+
+    cfg = Wants()
+    filled = offer(cfg, classnames=["cat"], tokenizer="ViT-B-16", dataset="EuroSAT")  # dataset: not declared
+    assert (filled.classnames, filled.tokenizer) == (["cat"], "ViT-B-16") and cfg.classnames == []
+    assert offer(Wants(tokenizer="RN50"), tokenizer="ViT-B-16").tokenizer == "RN50"  # a value set is kept
+    assert offer(cfg, given={"tokenizer"}, tokenizer="ViT-B-16").tokenizer is None  # so is an explicit null
+    assert declares(Wants, "classnames") and not declares(Wants, "dataset")

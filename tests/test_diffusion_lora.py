@@ -303,3 +303,20 @@ def test_sdxl_lora_exports_reload_in_the_sdxl_pipeline(tmp_path):
         with torch.no_grad():
             got = fresh(latents, torch.tensor([50]), ids["input_ids"], ids["input_ids_2"])
         assert _close(got, expected), weight_name
+
+
+def test_two_lora_adapters_each_export_into_their_own_folder(base, tmp_path):
+    """The end of a run calls every adapter's export: two LoRAs must not collide (or stop the run)."""
+    from visionpeft.method import RunInfo, attached_methods
+
+    model = vp.attach(_model(base), "lora", r=2, name="style")
+    model = vp.attach(model, "lora", r=4, name="subject")
+    for method in attached_methods(model):
+        method.export(model, tmp_path, RunInfo(step=3))
+    for name, rank in (("style", 2), ("subject", 4)):
+        with safe_open(str(tmp_path / name / "lora_kohya.safetensors"), "pt") as f:
+            assert f.metadata()["ss_output_name"] == name
+            down = next(k for k in f.keys() if k.endswith("lora_down.weight"))  # noqa: SIM118 (safe_open)
+            assert f.get_tensor(down).shape[0] == rank
+        assert (tmp_path / name / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()

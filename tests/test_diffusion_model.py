@@ -273,3 +273,20 @@ def test_a_float16_vae_with_force_upcast_encodes_in_float32(force_upcast):
                                    * fp16.config.scaling_factor, rtol=1e-5, atol=1e-5)
     else:
         assert seen == [torch.float16, torch.float16] and posterior.parameters.dtype == torch.float16
+
+
+def test_two_methods_setting_the_same_unet_argument_is_an_error_and_a_refused_attach_changes_nothing():
+    model = StableDiffusionModel.from_pipeline(tiny_sd_pipeline())
+    latents, t = _inputs()
+    ids = model.tokenize(["a", "b"])["input_ids"]
+    first = model.register_unet_inputs(lambda call: {"down_intrablock_additional_residuals": []})
+    second = model.register_unet_inputs(lambda call: {"down_intrablock_additional_residuals": []})
+    with pytest.raises(ConfigError, match=r"both set the UNet's \['down_intrablock_additional_residuals'\]"):
+        model(latents, t, ids)
+    first.remove(), second.remove()
+    taken = model.register_pipeline(lambda parts, sdxl: None)
+    modules, hooks = set(model._modules), dict(model._unet_input_hooks)
+    with pytest.raises(ConfigError, match="already chose this model's pipeline"):
+        vp.attach(model, "t2i_adapter", in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=2)
+    assert set(model._modules) == modules and model._unet_input_hooks == hooks  # nothing half-attached
+    taken.remove()

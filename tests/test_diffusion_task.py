@@ -520,3 +520,15 @@ def test_cubic_timestep_sampling_is_t2i_adapters_and_favours_noisy_steps():
     # P(t >= 500) = P(u^3 <= 1/2) = 0.5^(1/3) = 0.794 for cubic, 0.5 for uniform.
     assert abs((cubic >= 500).float().mean().item() - (0.5 ** (1 / 3))) < 0.02
     assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.02
+
+
+def test_empty_yaml_values_mean_the_defaults(tmp_path):
+    """``loss:`` with every entry commented out, or ``noise_offset:`` left empty, is null: the default."""
+    from visionpeft.diffusion.task import DiffusionData
+    from visionpeft.runconfig import parse_run_config
+
+    run = parse_run_config(_config(tmp_path, loss=None, sampling={"prompts": None, "steps": None},
+                                   resolution=None))
+    assert run.data == DiffusionData(root=str(tmp_path))
+    run = parse_run_config(_config(tmp_path, loss={"noise_offset": None, "snr_gamma": 5.0}))
+    assert run.data.loss.noise_offset == 0.0 and run.data.loss.snr_gamma == 5.0

@@ -118,7 +118,8 @@ def test_a_third_party_vla_method_gets_the_class_names_and_trains(third_party, t
 def test_a_third_party_diffusion_method_takes_conditions_and_feeds_the_unet(third_party, tmp_path, request):
     root, pipeline = request.getfixturevalue("tiny_run_inputs")
     tree = {
-        "task": "diffusion", "model": {"name": str(pipeline)}, "method": {"name": "throwaway_pooled_control"},
+        "task": "diffusion", "model": {"name": str(pipeline)},
+        "method": {"name": "throwaway_pooled_control", "in_channels": 1},
         "data": {"root": str(root / "images"), "resolution": 32, "condition": "canny"},
         "train": {"max_steps": 1, "batch_size": 2, "lr": 1e-2, "progress": False}, "output_dir": str(tmp_path / "o"),
     }
@@ -126,7 +127,7 @@ def test_a_third_party_diffusion_method_takes_conditions_and_feeds_the_unet(thir
     task = run.make_task()
     model = task.build_model()
     batch = task.collate([task.train_dataset()[i] for i in range(2)])
-    assert batch["condition"].shape[1] == 3  # the method's condition_channels reached the data
+    assert batch["condition"].shape[1] == 1  # the method's condition_channels reached the data (default: 3)
     seen = []
     handle = model.unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(len(kwargs.get("down_intrablock_additional_residuals") or [])),

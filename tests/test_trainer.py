@@ -148,6 +148,21 @@ def test_resume_is_bit_identical(tmp_path, settings, stop):
     assert records(whole) == records(resumed)
 
 
+def test_resume_with_other_weight_decay_groups_stops_with_the_reason(tmp_path):
+    """Moments must never land on other tensors: a resume whose decay groups changed is refused, unchanged."""
+    part = Trainer(NetTask(), config(weight_decay=0.1, max_steps=6), tmp_path / "run")
+    part.fit(stop_after=2)
+    other = Trainer(NetTask(), config(weight_decay=0.1, max_steps=6, decay_all=True), tmp_path / "run")
+    before = trained(other.model)
+    with pytest.raises(TrainingError, match=r"resume: the optimizer's groups differ from the checkpoint's \(group "
+                                            r"'decay': .* new .*train.decay_all"):
+        other.fit(resume=True)
+    after = trained(other.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # checked before anything was loaded
+    same = Trainer(NetTask(), config(weight_decay=0.1, max_steps=6), tmp_path / "run")
+    assert same.fit(resume=True)["step"] == 6
+
+
 class TwoAdapterTask(NetTask):
     """Two LoRA adapters, and the norm's scale trained outside any adapter."""
 
@@ -285,10 +300,12 @@ def test_fp16_loss_scaler_steps_checkpoints_and_resumes_exactly(tmp_path):
     whole = fp16_trainer("whole")
     whole.fit()
     assert isinstance(whole.scaler, torch.amp.GradScaler) and whole.scaler.get_scale() > 1
+    # Every one of the 8 optimizer steps went through the scaler (its count of finite steps in a row).
+    assert whole.scaler.state_dict()["_growth_tracker"] == 8
     part = fp16_trainer("parts")
     part.fit(stop_after=3)
     state = torch.load(tmp_path / "parts" / "checkpoints" / "step-0000003" / "trainer_state.pt", weights_only=True)
-    assert state["scaler"]["scale"] == part.scaler.get_scale()
+    assert state["scaler"]["scale"] == part.scaler.get_scale() and state["scaler"]["_growth_tracker"] == 3
     resumed = fp16_trainer("parts")
     resumed.fit(resume=True)
     a, b = trained(whole.model), trained(resumed.model)

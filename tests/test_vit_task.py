@@ -215,6 +215,22 @@ def test_wrong_model_family_and_unreadable_images(vtab, tmp_path, capsys):
     assert main(["train", str(config)]) == 0
 
 
+def test_a_missing_training_image_is_named_in_yaml_terms_and_skipped_with_skip_bad(tmp_path, capsys):
+    """The head is sized from the training split before the model exists: that read honours skip_bad too."""
+    root = make_vtab(tmp_path / "data", {"train800val200": 6, "test": 2})
+    (root / "images" / "train800val200" / "000002.png").unlink()
+    config = tmp_path / "run.yaml"
+    tree = run_config(root, tmp_path / "a", {"name": "linear"}, epochs=1)
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "000002.png: no such file" in err and "set data.skip_bad: true" in err and "skip_bad=True" not in err
+    tree["data"]["skip_bad"] = True
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+
+
 def test_checkpoint_and_local_weights(tmp_path):
     from safetensors.torch import save_file
 
@@ -294,3 +310,13 @@ def test_video_run_with_st_adapter(tmp_path, capsys):
     assert result["eval"]["samples"] == 4 and 0.0 <= result["eval"]["top1"] <= 1.0
     saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert saved["method"] == "st_adapter" and saved["base_model"]["family"] == "visionpeft.vit.VideoClassifier"
+
+
+def test_a_wrong_format_is_reported_before_the_keys_it_rules_out(tmp_path):
+    tree = run_config(tmp_path, tmp_path / "a", {"name": "linear"})
+    tree["data"].update(format="vtabb", vtab_task="cifar")
+    with pytest.raises(ConfigError, match=r"data\.format: 'vtabb' is not supported; choose one of"):
+        parse_run_config(tree)
+    del tree["data"]["format"]
+    with pytest.raises(ConfigError, match=r"data\.format: missing; choose one of \['fgvc', 'imagefolder'"):
+        parse_run_config(tree)

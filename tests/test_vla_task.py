@@ -251,3 +251,12 @@ def test_too_few_images_for_the_shots_says_what_to_set_in_yaml(tmp_path, eurosat
     err = capsys.readouterr().err
     assert "fewer than the 8 shots asked for; lower data.shots, or set data.allow_fewer: true" in err
     assert "=True" not in err
+
+
+def test_the_task_offers_the_tokenizer_but_keeps_an_explicit_null(tmp_path, eurosat_root, tiny_arch):
+    from visionpeft.method import get_state
+
+    path = _config(tmp_path, eurosat_root, tiny_arch, {"name": "coop"})
+    for overrides, expected in (([], tiny_arch), (["method.tokenizer=null"], None)):
+        model = load_run_config(path, overrides).make_task().build_model()
+        assert get_state(model).adapters["default"].method.config.tokenizer == expected

@@ -68,6 +68,8 @@ class VitData(DataConfig):
     stride: int = field(4, help="frames between samples with sampling: stride", ge=1, only_for={"format": ("video",)})
 
     def check(self) -> None:
+        if self.format is None:
+            raise ConfigError(f"data.format: missing; choose one of {sorted(FORMATS)}")
         if self.format not in FORMATS:
             raise ConfigError(f"data.format: {self.format!r} is not supported; choose one of {sorted(FORMATS)}")
         if self.root is None:
@@ -110,7 +112,7 @@ class VitTask(Task):
     def __init__(self, run: Any) -> None:
         super().__init__(run)
         self.data: VitData = run.data
-        self._datasets: dict[str, Dataset] = {}
+        self._datasets: dict[tuple[str, bool], Dataset] = {}
         self._model: nn.Module | None = None
         self._image_size: int | None = None
 
@@ -123,31 +125,42 @@ class VitTask(Task):
         kind = self.data.transform or FORMATS[self.data.format]["transform"]
         return build_transform(kind, train=train, image_size=self._image_size, mean=mean, std=std)
 
-    def _reader(self, split: str, transform: Any = None, train: bool = False) -> Dataset:
-        """The data set of ``split`` in the run's format (without a transform: only its class list)."""
+    def _split(self, split: str, train: bool) -> Dataset:
+        """The data set of ``split``, read (and its images checked) once; its transform is set later.
+
+        Reading the class list needs no transform, so the head can be sized before the model is
+        built, from the very data set that then trains.
+        """
         from visionpeft.vit import data
 
+        key = (split, train)
+        if key in self._datasets:
+            return self._datasets[key]
         root, options = Path(self.data.root), self.data
-        checked = {"skip_bad": options.skip_bad, "skip_hint": SKIP_HINT} if transform is not None else {}
+        checked = {"skip_bad": options.skip_bad, "skip_hint": SKIP_HINT}
         fmt = options.format
         if fmt == "vtab":
             if options.vtab_task is not None:
                 root = data.vtab_task_dir(root, options.vtab_task)
-            return data.VTAB1k(root, split, transform=transform, **checked)
-        if fmt == "fgvc":
-            return data.FGVC(root, split, dataset=options.dataset, transform=transform, **checked)
-        if fmt == "imagefolder":
-            return data.ImageFolderDataset(root / split, transform=transform, **checked)
-        return data.VideoFrames(root, root / split, num_frames=options.num_frames, sampling=options.sampling,
-                                stride=options.stride, transform=transform, train=train, seed=self.run.train.seed,
-                                **checked)
+            dataset = data.VTAB1k(root, split, **checked)
+        elif fmt == "fgvc":
+            dataset = data.FGVC(root, split, dataset=options.dataset, **checked)
+        elif fmt == "imagefolder":
+            dataset = data.ImageFolderDataset(root / split, **checked)
+        else:
+            dataset = data.VideoFrames(root, root / split, num_frames=options.num_frames, sampling=options.sampling,
+                                       stride=options.stride, train=train, seed=self.run.train.seed, **checked)
+        self._check_labels(dataset)
+        self._datasets[key] = dataset
+        return dataset
 
     def _dataset(self, split: str, train: bool) -> Dataset:
-        if split not in self._datasets:
-            dataset = self._reader(split, self._transform(train), train)
-            self._check_labels(dataset)
-            self._datasets[split] = dataset
-        return self._datasets[split]
+        if self._model is None:
+            raise ConfigError("build the model before the data: the transform uses the model's input size and "
+                              "normalisation")
+        dataset = self._split(split, train)
+        dataset.transform = self._transform(train)
+        return dataset
 
     def train_dataset(self) -> Dataset:
         return self._dataset(self.data.split_train, train=True)
@@ -162,8 +175,7 @@ class VitTask(Task):
         """The head's size: ``data.num_classes`` or the number of classes of the training split."""
         if self.data.num_classes is not None:
             return self.data.num_classes
-        # Reading the class list needs no transform, so the model is not needed yet.
-        return len(self._reader(self.data.split_train).classes)
+        return len(self._split(self.data.split_train, train=True).classes)
 
     # -- model --
 

@@ -1,7 +1,8 @@
 """The ``vla`` task: prompt learning for open_clip CLIP with the protocol of the CoOp papers.
 
-A run config with ``task: vla`` names an open_clip model, a method (``coop``, ``cocoop``,
-``maple``, ``zeroshot``, or a generic one) and a data set; the class names come from the data.
+A run config with ``task: vla`` names an open_clip model, a method that classifies by class names
+(``coop``, ``cocoop``, ``maple``, ``zeroshot``, or any other whose config takes ``classnames``) and
+a data set; the class names come from the data.
 Data keys:
 
 * ``format``: ``coop`` (CoOp's folder layout and ``split_zhou_*.json`` files under ``root``, one
@@ -65,6 +66,8 @@ class VlaData(DataConfig):
     allow_fewer: bool = field(False, help="keep a class with fewer images than shots whole, as Dassl does")
 
     def check(self) -> None:
+        if self.format is None:
+            raise ConfigError(f"data.format: missing; choose one of {list(FORMATS)}")
         if self.format not in FORMATS:
             raise ConfigError(f"data.format: {self.format!r} is not supported; choose one of {list(FORMATS)}")
         if self.root is None:
@@ -129,11 +132,10 @@ class VlaTask(Task):
     recipes: ClassVar[dict[str, dict[str, Any]]] = RECIPES
 
     @classmethod
-    def recipe(cls, name: str, tree: Any) -> dict[str, Any]:
+    def recipe(cls, name: str, data: Any) -> dict[str, Any]:
         preset = dict(cls.recipes[name])
         if name == "coop":
-            data = tree.get("data") or {}
-            preset["epochs"] = coop_epochs(data.get("shots", 16), data.get("dataset"))
+            preset["epochs"] = coop_epochs(data.shots, data.dataset)
         return preset
 
     @classmethod
@@ -146,7 +148,7 @@ class VlaTask(Task):
                 f"method.name: {method.method!r} does not classify images by class names (its config takes no "
                 f"classnames); the vla task trains {class_name_methods()}"
             )
-        if method.classnames:
+        if "classnames" in run.method_keys:
             raise ConfigError("method.classnames: the class names come from the data set; remove the key")
 
     def __init__(self, run: Any) -> None:
@@ -246,7 +248,8 @@ class VlaTask(Task):
         else:
             # The model's own tokenizer (open_clip knows it by the model's name).
             tokenizer = None if model_cfg.name.startswith(("local-dir:", "hf-hub:")) else model_cfg.name
-            config = offer(self.run.method, classnames=classnames, tokenizer=tokenizer, dataset=self.dataset_name)
+            config = offer(self.run.method, self.run.method_keys, classnames=classnames, tokenizer=tokenizer,
+                           dataset=self.dataset_name)
             model = vp.attach(clip, config)
         self._model = model
         return model

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import re
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,7 +26,7 @@ from visionpeft.errors import ConfigError
 from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
 from visionpeft.hosts import Host, find_host
 from visionpeft.inject import find_modules, replace_module
-from visionpeft.method import Method, RunInfo
+from visionpeft.method import Method, RunInfo, attached_methods
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
 
@@ -188,7 +189,13 @@ class LoRA(Method):
         return tensors
 
     def export(self, model: nn.Module, output_dir: str | os.PathLike, run: RunInfo) -> None:
-        """The LoRA files of the model family's tools, when its host writes them (``Host.lora_export``)."""
+        """The LoRA files of the model family's tools, when its host writes them (``Host.lora_export``).
+
+        With several LoRA adapters attached, each writes into a subfolder named after it.
+        """
         host = find_host(model)
-        if host is not None and host.lora_export is not None:
-            host.lora_export(model, output_dir, run)
+        if host is None or host.lora_export is None:
+            return
+        loras = [m for m in attached_methods(model) if isinstance(m, LoRA)]
+        folder = Path(output_dir) if len(loras) == 1 else Path(output_dir) / self.adapter_name
+        host.lora_export(model, folder, run, self.adapter_name)
