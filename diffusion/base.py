@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from torch import nn
@@ -22,6 +23,15 @@ class DiffusionMethod(Method):
     def condition_channels(self, model: nn.Module) -> int | None:
         """The channels of the condition images this adapter takes (``None`` when it takes none)."""
         return None
+
+    def check_prompts(self, model: nn.Module, prompts: Sequence[str], source: str,
+                      class_prompts: Sequence[str] = ()) -> None:
+        """Refuse, before training, prompts this adapter cannot learn from; the default accepts any.
+
+        The diffusion task calls it on the attached model with the training images' ``prompts`` (captions
+        or the instance prompt, before caption dropout), ``source`` saying where they come from in the run
+        config's terms, and prior preservation's ``class_prompts``.
+        """
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

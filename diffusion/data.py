@@ -14,7 +14,12 @@ replicated for a 3-channel adapter, while a colour condition for a 1-channel ada
 condition with an alpha channel is a :class:`~visionpeft.errors.DataError` naming the file (there
 is no one right way to drop colour or transparency from a control image). The shorter side is
 resized to ``resolution``, then a center or random crop and an optional horizontal flip apply to
-the image and its condition alike. The randomness of an item (crop, flip, caption dropout) comes
+the image and its condition alike: a condition of another size is first resized to its image,
+and one of another aspect ratio is a ``DataError`` naming both files and sizes. diffusers'
+``train_t2i_adapter_sdxl.py`` resizes and center-crops image and condition each on its own
+(``Resize`` + ``CenterCrop``), which pairs the same pixels only when their aspect ratios agree;
+with a random crop or a flip, or another ratio, the control would silently point at other pixels
+than the image's. The randomness of an item (crop, flip, caption dropout) comes
 from a generator seeded by the run's seed, the epoch and the item's index, so a resumed run sees
 the same items.
 
@@ -143,6 +148,48 @@ def read_records(root: Path, *, instance_prompt: str | None = None, caption_colu
     return records
 
 
+def caption_source(root: Path, *, instance_prompt: str | None = None, caption_column: str = "text") -> str:
+    """Where :func:`read_records` takes the captions of ``root`` from, in the run config's terms (for messages)."""
+    root = Path(root)
+    if instance_prompt is not None:
+        return "data.instance_prompt"
+    if (root / METADATA_FILE).is_file():
+        return f"column {caption_column!r} of {root / METADATA_FILE}"
+    return f"the .txt captions beside the images in {root}"
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The (width, height) of an image of ``size`` whose shorter side is resized to ``resolution``."""
+    w, h = size
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """``image`` with its shorter side resized to ``resolution`` and the centred square cut out: the training
+    images' geometry with ``crop: center`` (diffusers' ``Resize`` + ``CenterCrop``), for sampling conditions."""
+    rw, rh = resized_size(image.size, resolution)
+    top, left = (rh - resolution) // 2, (rw - resolution) // 2
+    image = image.resize((rw, rh), resample=Image.Resampling.BILINEAR)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def pairing_problem(image: Path, image_size: tuple[int, int], condition: Path,
+                    condition_size: tuple[int, int]) -> str | None:
+    """Why a condition image cannot be paired with its training image, or ``None``.
+
+    Another scale is fine (the condition is resized to the image); another aspect ratio, beyond the
+    rounding of a resize, is not: stretching it would move the control away from the pixels it
+    describes.
+    """
+    (w, h), (cw, ch) = image_size, condition_size
+    if abs(cw * h - ch * w) <= max(w, h):
+        return None
+    return (f"condition image {condition} is {cw}x{ch} but its image {image} is {w}x{h}, another aspect ratio; "
+            "stretched, the control would point at other pixels than the image's; give a condition of the image's "
+            "aspect ratio (the same pixels, at any size)")
+
+
 def _path(record: ImageRecord) -> Path:
     return record.path
 
@@ -248,10 +295,10 @@ class SDImageDataset(Dataset):
         if reason is not None or record.condition is None:
             return reason
         try:
-            condition_to_mode(open_image(record.condition), self.condition_channels, record.condition)
+            condition = condition_to_mode(open_image(record.condition), self.condition_channels, record.condition)
         except DataError as exc:
             return str(exc)
-        return None
+        return pairing_problem(record.path, open_image(record.path).size, record.condition, condition.size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops, flips and caption dropout the items use."""
@@ -265,9 +312,7 @@ class SDImageDataset(Dataset):
 
     def _geometry(self, size: tuple[int, int], rng: random.Random) -> tuple[tuple[int, int], tuple[int, int], bool]:
         """(resized width/height, crop top/left, flip) for an image of ``size`` (width, height)."""
-        w, h = size
-        scale = self.resolution / min(w, h)
-        rw, rh = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+        rw, rh = resized_size(size, self.resolution)
         if self.crop == "center":
             top, left = (rh - self.resolution) // 2, (rw - self.resolution) // 2
         else:
@@ -297,6 +342,9 @@ class SDImageDataset(Dataset):
             condition = condition_to_mode(open_image(record.condition, self.skip_hint), self.condition_channels,
                                           record.condition)
             if condition.size != image.size:
+                problem = pairing_problem(record.path, image.size, record.condition, condition.size)
+                if problem is not None:
+                    raise DataError(f"{problem}, or {self.skip_hint} to drop such pairs")
                 # Resized to the image first, so the crop box means the same pixels in both.
                 condition = condition.resize(image.size, resample=Image.Resampling.BILINEAR)
             item["condition"] = pil_to_tensor(self._apply(condition, resized, top_left, flip,

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from visionpeft import tensorfiles
 from visionpeft.errors import DataError
 from visionpeft.files import atomic_write_bytes
 
@@ -97,7 +97,7 @@ def load_sdxl_embedding(pipe: Any, path: str | os.PathLike, token: str) -> None:
     of calls, one per text encoder and tokenizer.
     """
     path = Path(path)
-    tensors = safetensors_load(path.read_bytes())
+    tensors = tensorfiles.read_safetensors(path, error=DataError, fix="export the embedding again")
     missing = [k for k in ("clip_l", "clip_g") if k not in tensors]
     if missing:
         raise DataError(f"{path} is not an SDXL embedding: it lacks {missing} (found keys {sorted(tensors)})")

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from visionpeft import tensorfiles
 from visionpeft.diffusion import kohya
 from visionpeft.errors import AdapterError
 from visionpeft.files import atomic_write_bytes, read_safetensors_metadata
@@ -383,10 +383,7 @@ def read_lora_file(path: str | os.PathLike) -> LoraWeights:
     if not path.is_file():
         raise AdapterError(f"{path} does not exist")
     metadata = read_safetensors_metadata(path)
-    try:
-        tensors = safetensors_load(path.read_bytes())
-    except Exception as err:  # safetensors raises its own error types for damaged data
-        raise AdapterError(f"{path} is not a readable .safetensors file ({err})") from err
+    tensors = tensorfiles.read_safetensors(path, error=AdapterError, fix="export or download the LoRA file again")
     if kohya.is_kohya_state_dict(list(tensors)):
         return from_kohya_state_dict(tensors, metadata)
     return from_diffusers_state_dict(tensors, metadata)

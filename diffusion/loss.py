@@ -114,9 +114,19 @@ def diffusion_loss(
     scheduler = sd.noise_scheduler
     steps = scheduler.config.num_train_timesteps
     timesteps = sample_timesteps(latents.shape[0], steps, latents.device, timestep_sampling)
+    per_sample = prediction_errors(model, batch, latents, noise, timesteps)
+    weights = snr_weights(scheduler, timesteps, snr_gamma, scheduler.config.prediction_type) if snr_gamma else None
+    return combine(per_sample, batch.get("is_class"), weights, prior_loss_weight)
+
+
+def prediction_errors(model: nn.Module, batch: dict[str, Any], latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """Each sample's MSE between the model's prediction for ``latents`` noised with ``noise`` at ``timesteps``
+    and the scheduler's target (the noise or the velocity), under the batch's prompts and conditions."""
+    sd = _unwrap(model)
+    scheduler = sd.noise_scheduler
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    target = target_for(scheduler, latents, noise, timesteps, prediction_type)
+    target = target_for(scheduler, latents, noise, timesteps, scheduler.config.prediction_type)
     added = None
     if sd.is_sdxl:
         size = latents.shape[-2] * sd.vae_scale_factor, latents.shape[-1] * sd.vae_scale_factor
@@ -124,6 +134,4 @@ def diffusion_loss(
                                         torch.tensor(size, device=latents.device).expand(latents.shape[0], 2)],
                                        dim=1).float()}
     pred = model(noisy, timesteps, batch["input_ids"], batch.get("input_ids_2"), batch.get("condition"), added)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weights = snr_weights(scheduler, timesteps, snr_gamma, prediction_type) if snr_gamma else None
-    return combine(per_sample, batch.get("is_class"), weights, prior_loss_weight)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

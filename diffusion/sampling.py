@@ -93,16 +93,19 @@ def save_samples(
     """
     conditions = options.pop("conditions", None)
     images = generate(model, prompts, seeds, conditions=conditions, **options)
-    folder = Path(output_dir) / SAMPLES_DIR
-    stem = f"step-{step:07d}_seed-{seeds[0]}"
+    path = Path(output_dir) / grid_name(step, seeds[0])
     import io
 
     buffer = io.BytesIO()
     make_grid(images).save(buffer, format="PNG")
-    path = folder / f"{stem}.png"
     atomic_write_bytes(path, buffer.getvalue())
     pairs = [{"prompt": p, "seed": s} for p, s in zip(prompts, seeds, strict=True)]
     record = {"step": step, "grid": path.name, "prompts": pairs,
               **{k: v for k, v in options.items() if isinstance(v, (int, float, str, type(None)))}}
-    atomic_write_text(folder / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     return path
+
+
+def grid_name(step: int, seed: int) -> str:
+    """Where :func:`save_samples` writes the grid of ``step`` whose first prompt has ``seed``, in the run folder."""
+    return f"{SAMPLES_DIR}/step-{step:07d}_seed-{seed}.png"

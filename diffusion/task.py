@@ -23,8 +23,15 @@ images with the training images' relative names) or ``condition`` (``canny``, ``
 T2I-Adapter, ``cache_latents``, ``skip_bad``; ``loss``: ``snr_gamma``, ``noise_offset``,
 ``prior_loss_weight``, ``timestep_sampling`` (``uniform``, or ``cubic``: the T2I-Adapter paper's);
 ``sampling``: ``prompts``, ``steps``, ``guidance``, ``seed``,
-``negative_prompt``, ``conditions`` (control images for the prompts, T2I-Adapter). Sample grids
-are written at every ``train.eval_every`` steps and at the end, into ``samples/``.
+``negative_prompt``, ``conditions`` (control images for the prompts, T2I-Adapter).
+
+Evaluation (every ``train.eval_every`` steps, at the end, and ``visionpeft eval``) is the
+denoising loss at fixed timesteps with fixed noise (:mod:`visionpeft.diffusion.evaluation`) on
+``eval_images`` images (8; -1 all, 0 none) of ``eval_root`` (held-out images, captioned as
+``root``) or, without it, on the first training images (labelled as such: not held out), at
+``eval_timesteps`` with noise from ``eval_seed``; plus a sample grid into ``samples/`` of
+``sampling.prompts`` (by default the captions of the first four training images: for DreamBooth
+the instance prompt with four seeds; ``[]`` for none). Each evaluation writes ``results.json``.
 
 :class:`DiffusionData` declares every key with its default, type and bounds. At the end of the
 run each method writes the files the tools load (its ``export``): a LoRA in diffusers
@@ -36,6 +43,7 @@ method: a method that takes condition images says so (``takes_conditions``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -47,11 +55,14 @@ from torch.utils.data import Dataset
 import visionpeft as vp
 from visionpeft.config import Section, field
 from visionpeft.errors import ConfigError
+from visionpeft.files import atomic_write_text
 from visionpeft.method import attached_methods
 from visionpeft.registry import get_method, list_methods
 from visionpeft.task import DataConfig, Task
 
 FORMATS = ("imagefolder", "dreambooth")
+#: how many prompts the sample grids have by default (the first training images' captions)
+DEFAULT_SAMPLES = 4
 MODEL_KWARGS = ("torch_dtype", "variant", "config", "original_config", "sdxl", "revision")
 #: what a YAML user does about an unreadable image
 SKIP_HINT = "set data.skip_bad: true"
@@ -82,12 +93,17 @@ class SamplingOptions(Section):
 
     prefix = "data.sampling."
 
-    prompts: list[str] = field([], help="prompts to sample at each train.eval_every and at the end")
+    prompts: list[str] | None = field(
+        None, help="prompts sampled at each evaluation; default: the captions of the first 4 training images "
+        "(DreamBooth: the instance prompt, 4 seeds); []: no grids"
+    )
     steps: int = field(25, help="inference steps", ge=1)
     guidance: float = field(7.5, help="classifier-free guidance scale", ge=0)
     seed: int = field(0, help="seed of the first prompt (the next prompts count up)")
     negative_prompt: str | None = field(None, help="the negative prompt")
-    conditions: list[str] | None = field(None, help="condition images, one per prompt (methods that take them)")
+    conditions: list[str] | None = field(
+        None, help="condition images, one per prompt (methods that take them), center-cropped as training images"
+    )
 
 
 @dataclasses.dataclass
@@ -106,6 +122,12 @@ class DiffusionData(DataConfig):
     condition: str | None = field(None, help="a built-in condition extractor (canny, sketch)")
     cache_latents: bool = field(False, help="encode every image once (needs crop: center and no flip)")
     skip_bad: bool = field(False, help="drop unreadable images instead of stopping")
+    eval_root: str | None = field(None, help="held-out images (captioned as data.root) for the evaluation loss; "
+                                  "default: the first training images")
+    eval_images: int = field(8, help="images in the evaluation loss: the first N (-1: all, 0: no loss)", ge=-1)
+    eval_timesteps: list[int] = field([100, 300, 500, 700, 900], help="the timesteps each evaluation image is "
+                                      "noised at", ge=0)
+    eval_seed: int = field(0, help="seed of the evaluation noise (the same in every run and at every step)")
     loss: LossOptions = field(LossOptions(), help="the loss")
     sampling: SamplingOptions = field(SamplingOptions(), help="the sample grids")
 
@@ -117,10 +139,12 @@ class DiffusionData(DataConfig):
     def check(self) -> None:
         if self.root is None:
             raise ConfigError("data.root: missing; give the folder of training images")
-        for key in ("train_split", "eval_split"):
-            if getattr(self, key) is not None:
-                raise ConfigError(f"data.{key}: the diffusion task trains on data.root and samples "
-                                  "data.sampling.prompts; remove it")
+        if self.train_split is not None:
+            raise ConfigError("data.train_split: the diffusion task trains on the images of data.root; remove it")
+        if self.eval_split is not None:
+            raise ConfigError("data.eval_split: the diffusion task has no splits; give held-out images as "
+                              "data.eval_root (a folder captioned like data.root), or remove it")
+        self._check_eval()
         if self.kind not in FORMATS:
             raise ConfigError(f"data.format: {self.kind!r} is not supported; choose one of {list(FORMATS)}")
         if self.kind == "dreambooth" and not self.instance_prompt:
@@ -154,10 +178,29 @@ class DiffusionData(DataConfig):
                                   f"of {list(KINDS)} or give data.condition_root")
         if self.has_conditions and self.class_root:
             raise ConfigError("data.class_root: prior preservation does not combine with condition images")
-        conditions = self.sampling.conditions
-        if conditions is not None and len(conditions) != len(self.sampling.prompts):
-            raise ConfigError(f"data.sampling.conditions: {len(conditions)} images for {len(self.sampling.prompts)} "
+        conditions, prompts = self.sampling.conditions, self.sampling.prompts
+        if conditions is not None and prompts is None:
+            raise ConfigError("data.sampling.conditions: give data.sampling.prompts too, one per condition image")
+        if conditions is not None and len(conditions) != len(prompts):
+            raise ConfigError(f"data.sampling.conditions: {len(conditions)} images for {len(prompts)} "
                               "prompts; give one per prompt")
+
+    def _check_eval(self) -> None:
+        if self.eval_images == 0:
+            if self.eval_root:
+                raise ConfigError("data.eval_root: data.eval_images is 0, so no image is evaluated; remove one of them")
+            return
+        if not self.eval_timesteps:
+            raise ConfigError("data.eval_timesteps: empty; give the timesteps to evaluate at (e.g. [100, 500, 900]), "
+                              "or data.eval_images: 0 for no evaluation loss")
+        if len(set(self.eval_timesteps)) != len(self.eval_timesteps):
+            raise ConfigError(f"data.eval_timesteps: {self.eval_timesteps} repeats a timestep; give each once")
+        if self.eval_root and not Path(self.eval_root).is_dir():
+            raise ConfigError(f"data.eval_root: {self.eval_root} is not a folder; give a folder of held-out images "
+                              "captioned like data.root, or remove it to evaluate on the first training images")
+        if self.eval_root and self.condition_root:
+            raise ConfigError("data.eval_root: held-out images cannot take their conditions from data.condition_root; "
+                              "use a built-in data.condition, or remove data.eval_root to evaluate on training images")
 
     @property
     def has_conditions(self) -> bool:
@@ -225,6 +268,8 @@ class DiffusionTask(Task):
         self.resolution = self.data.resolution
         self._model: nn.Module | None = None
         self._train: Dataset | None = None
+        self._eval: tuple[Dataset | None] | None = None
+        self._prompts: list[str] | None = None
 
     # -- model --
 
@@ -278,12 +323,27 @@ class DiffusionTask(Task):
             condition_kind=opts.condition, condition_channels=self._condition_channels() or 3, image_root=root,
             skip_bad=opts.skip_bad, skip_hint=SKIP_HINT, seed=self.run.train.seed,
         )
+        self._check_prompts(dataset)
         if opts.cache_latents:
             from visionpeft.diffusion.models import vae_posterior
 
             dataset.set_latent_cache(lambda pixels: vae_posterior(sd.vae, pixels).parameters)
         self._train = dataset
         return dataset
+
+    def _check_prompts(self, dataset: Dataset) -> None:
+        """Let every attached method refuse the training prompts before any step (``check_prompts``)."""
+        from visionpeft.diffusion.data import caption_source
+
+        opts = self.data
+        source = caption_source(Path(opts.root), instance_prompt=opts.instance_prompt,
+                                caption_column=opts.caption_column)
+        prompts = [record.caption for record in dataset.records]
+        class_prompts = [record.caption for record in dataset.class_records]
+        for method in attached_methods(self._sd()):
+            check = getattr(method, "check_prompts", None)
+            if check is not None:
+                check(self._sd(), prompts, source, class_prompts)
 
     def _condition_channels(self) -> int | None:
         """The channels of the condition images the attached method takes, or ``None``."""
@@ -294,16 +354,68 @@ class DiffusionTask(Task):
         return None
 
     def eval_dataset(self) -> Dataset | None:
-        from visionpeft.diffusion.data import SamplePrompts
+        """The evaluation images (``None`` when neither a loss nor a sample grid is asked for).
 
-        sampling = self.data.sampling
-        return SamplePrompts(sampling.prompts, seed=sampling.seed) if sampling.prompts else None
+        With only sample grids the set holds no image, and the evaluation samples the prompts alone.
+        """
+        if self._eval is None:
+            from visionpeft.diffusion.evaluation import EvalImages
+
+            images = self._eval_images()
+            self._eval = (EvalImages(images) if images is not None or self._sample_prompts() else None,)
+        return self._eval[0]
+
+    def _eval_images(self) -> Dataset | None:
+        """The images of the evaluation loss: the first ``eval_images`` of ``eval_root`` or of ``root``."""
+        from visionpeft.diffusion import data
+
+        opts = self.data
+        if opts.eval_images == 0:
+            return None
+        steps = self._sd().noise_scheduler.config.num_train_timesteps
+        if max(opts.eval_timesteps) >= steps:
+            raise ConfigError(f"data.eval_timesteps: {max(opts.eval_timesteps)} is not a timestep of this model's "
+                              f"scheduler (0 to {steps - 1})")
+        root = Path(opts.eval_root or opts.root)
+        records = data.read_records(root, instance_prompt=opts.instance_prompt, caption_column=opts.caption_column)
+        records = records if opts.eval_images < 0 else records[: opts.eval_images]
+        condition_root = Path(opts.condition_root) if opts.condition_root and not opts.eval_root else None
+        return data.SDImageDataset(
+            records, resolution=self.resolution, crop="center", condition_root=condition_root,
+            condition_kind=opts.condition, condition_channels=self._condition_channels() or 3, image_root=root,
+            skip_bad=opts.skip_bad, skip_hint=SKIP_HINT,
+        )
+
+    def _eval_set(self, images: int) -> str:
+        opts = self.data
+        if opts.eval_root:
+            return f"{images} held-out images of {opts.eval_root} (data.eval_root)"
+        return (f"the first {images} training images of {opts.root}, not held out (give data.eval_root for a "
+                "held-out set)")
+
+    def _sample_prompts(self) -> list[str]:
+        """The prompts of the sample grids: ``sampling.prompts``, or the first training images' captions."""
+        if self._prompts is None:
+            prompts = self.data.sampling.prompts
+            opts = self.data
+            if prompts is None and opts.instance_prompt:
+                prompts = [opts.instance_prompt] * DEFAULT_SAMPLES
+            elif prompts is None:
+                from visionpeft.diffusion import data
+
+                records = data.read_records(Path(opts.root), caption_column=opts.caption_column)
+                prompts = [record.caption for record in records[:DEFAULT_SAMPLES]]
+            self._prompts = list(prompts)
+        return self._prompts
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """A training batch (token ids from the model's current tokenizers) or a list of sample prompts."""
+        """A batch (token ids from the model's current tokenizers); evaluation items keep their ``eval_index``."""
         from visionpeft.diffusion.data import collate
 
-        return collate(items, self._sd().tokenize)
+        batch = collate(items, self._sd().tokenize)
+        if "eval_index" in items[0]:
+            batch["eval_index"] = torch.tensor([item["eval_index"] for item in items])
+        return batch
 
     # -- training --
 
@@ -315,47 +427,73 @@ class DiffusionTask(Task):
                               prior_loss_weight=opts.prior_loss_weight, timestep_sampling=opts.timestep_sampling)
 
     def _sample_conditions(self, indices: list[int]) -> list[Any] | None:
+        """The condition image of each sample prompt (``None`` for a method that takes none), square at the resolution.
+
+        ``data.sampling.conditions`` are center-cropped as training images are (``crop: center``), not
+        stretched; without them the training set's own conditions, already cropped, are used in order.
+        """
         from PIL import Image
 
-        from visionpeft.diffusion.data import condition_to_mode, open_image
+        from visionpeft.diffusion.data import center_crop, condition_to_mode, open_image
 
         channels = self._condition_channels()
         if channels is None:
             return None
-        size = (self.resolution, self.resolution)
         paths = self.data.sampling.conditions
         out = []
         for index in indices:
             if paths is not None:
                 path = Path(paths[index])
-                image = condition_to_mode(open_image(path), channels, path)
+                out.append(center_crop(condition_to_mode(open_image(path), channels, path), self.resolution))
             else:
                 # The training set's own conditions, in order: the prompts are sampled under them.
                 item = self.train_dataset()[index % len(self.train_dataset())]
                 array = (item["condition"].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-                image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-            out.append(image.resize(size, resample=Image.Resampling.BILINEAR))
+                out.append(Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array))
         return out
 
-    def evaluate(self, model: nn.Module, batches: Any) -> dict[str, Any]:
-        """Sample the prompts into a grid ``samples/step-XXXXXXX_seed-S.png``; return the count and the file."""
+    def evaluate(self, model: nn.Module, batches: Any) -> dict[str, float]:
+        """The summed denoising errors of this process's evaluation images at ``data.eval_timesteps``."""
+        from visionpeft.diffusion.evaluation import denoising_totals
+
+        return denoising_totals(model, batches, self.data.eval_timesteps, self.data.eval_seed)
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, Any]:
+        """``loss`` (and ``loss_t{t}`` per timestep) over ``images`` evaluation images, and the grid's file."""
+        from visionpeft.diffusion.evaluation import denoising_metrics
+        from visionpeft.diffusion.sampling import grid_name
+
+        metrics = denoising_metrics(totals, self.data.eval_timesteps)
+        if metrics:
+            metrics["eval_set"] = "held_out" if self.data.eval_root else "training_images"
+        prompts = self._sample_prompts()
+        if prompts:
+            metrics.update(samples=len(prompts), grid=grid_name(self.step, self.data.sampling.seed))
+        return metrics
+
+    def write_evaluation(self, model: nn.Module, metrics: dict[str, Any]) -> None:
+        """Sample the prompts into ``samples/step-XXXXXXX_seed-S.png`` and write ``results.json``."""
         from visionpeft.diffusion.sampling import save_samples
 
-        prompts: list[str] = []
-        seeds: list[int] = []
-        indices: list[int] = []
-        for batch in batches:
-            prompts += batch["sample_prompts"]
-            seeds += batch["sample_seeds"]
-            indices += batch["sample_indices"]
-        if not prompts:
-            return {}
-        sd = getattr(model, "module", model)
+        prompts = self._sample_prompts()
         sampling = self.data.sampling
-        path = save_samples(
-            sd, prompts, seeds, self.run.output_dir, self.step, num_inference_steps=sampling.steps,
-            guidance_scale=sampling.guidance, height=self.resolution, width=self.resolution,
-            negative_prompt=sampling.negative_prompt, conditions=self._sample_conditions(indices),
-        )
-        return {"samples": len(prompts), "grid": str(Path(path).relative_to(self.run.output_dir))}
+        if prompts:
+            save_samples(
+                getattr(model, "module", model), prompts, [sampling.seed + i for i in range(len(prompts))],
+                self.run.output_dir, self.step, num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
+                height=self.resolution, width=self.resolution, negative_prompt=sampling.negative_prompt,
+                conditions=self._sample_conditions(list(range(len(prompts)))),
+            )
+        record: dict[str, Any] = {"step": self.step, **metrics}
+        if "images" in metrics:
+            record.update(eval_images=self._eval_set(metrics["images"]), eval_timesteps=self.data.eval_timesteps,
+                          eval_seed=self.data.eval_seed,
+                          note="loss: the plain MSE of the prediction at fixed timesteps and noise (no min-SNR "
+                          "weighting), comparable between runs and steps")
+        out = Path(self.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(record, indent=2) + "\n")
 
+    def no_evaluation(self) -> str:
+        return ("data.eval_images is 0 and data.sampling.prompts is empty: nothing to evaluate; set data.eval_images "
+                "(the denoising loss, on data.eval_root or the training images) or data.sampling.prompts")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,27 @@ def _embedding_name(model: nn.Module, encoder_attr: str, encoder: nn.Module) -> 
     raise AdapterError(f"{encoder_attr}.get_input_embeddings() is not a submodule of {encoder_attr}")
 
 
+def _check_new_word(tokenizer: Any, placeholder: str, tokens: list[str], where: str) -> None:
+    """Refuse placeholder tokens the tokenizer has already, as such or as one word (``toy`` is ``toy</w>``)."""
+    taken = [t for t in tokens if t in tokenizer.get_vocab()]
+    if taken:
+        raise ConfigError(
+            f"textual_inversion.placeholder_token: {taken} already in the {where} vocabulary; choose a new "
+            "word (e.g. '<my-concept>') so the placeholder does not change an existing token's meaning"
+        )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for token in tokens:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] != unk:
+            # An added token is matched before BPE: the word would mean the new vector in every prompt.
+            word = tokenizer.convert_ids_to_tokens(ids)[0]
+            raise ConfigError(
+                f"textual_inversion.placeholder_token: {token!r} is the word {word!r} of the {where} vocabulary; as "
+                "a new token it would take that word over in every prompt; choose a new word, usually in angle "
+                f"brackets: '<{placeholder.strip('<>')}>'"
+            )
+
+
 def _initializer_id(tokenizer: Any, word: str, where: str) -> int:
     ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) != 1:
@@ -164,13 +186,7 @@ class TextualInversion(DiffusionMethod):
         plan = []
         for encoder_attr, tokenizer_attr, encoder, tokenizer in _encoders(model):
             where = f"{tokenizer_attr} ({type(tokenizer).__name__})"
-            vocab = tokenizer.get_vocab()
-            taken = [t for t in self.tokens if t in vocab]
-            if taken:
-                raise ConfigError(
-                    f"textual_inversion.placeholder_token: {taken} already in the {where} vocabulary; choose a new "
-                    "word (e.g. '<my-concept>') so the placeholder does not change an existing token's meaning"
-                )
+            _check_new_word(tokenizer, self.config.placeholder_token, self.tokens, where)
             init_id = _initializer_id(tokenizer, self.config.initializer_token, where)
             embedding_name = _embedding_name(model, encoder_attr, encoder)
             base = model.get_submodule(embedding_name)
@@ -213,6 +229,43 @@ class TextualInversion(DiffusionMethod):
 
     def train_modules(self, model: nn.Module) -> list[nn.Module] | None:
         return list(self._wrappers().values())
+
+    def check_prompts(self, model: nn.Module, prompts: Sequence[str], source: str,
+                      class_prompts: Sequence[str] = ()) -> None:
+        """Refuse training prompts none of which writes the placeholder (its vectors would learn nothing) and
+        class prompts that write it (the class images would teach the concept the whole class).
+
+        A prompt writes it when every tokenizer of ``model`` keeps its first token within its length.
+        """
+        token = self.config.placeholder_token
+        unique = list(dict.fromkeys(prompts))
+        if not any(self._uses(model, unique)):
+            example = unique[0] if unique else ""
+            raise ConfigError(
+                f"method.placeholder_token: {token!r} is in none of the {len(prompts)} training prompts ({source}), "
+                f"e.g. {example!r}; its vectors would never be used and learn nothing; write it in them, e.g. "
+                f"'a photo of {token}'"
+            )
+        unique = list(dict.fromkeys(class_prompts))
+        for prompt, uses in zip(unique, self._uses(model, unique), strict=True):
+            if uses:
+                raise ConfigError(
+                    f"method.placeholder_token: {token!r} is in the class prompt {prompt!r}; prior preservation would "
+                    "train its vectors on the class images; write the class prompt without it (e.g. 'a photo of a "
+                    "dog')"
+                )
+
+    def _uses(self, model: nn.Module, prompts: list[str]) -> list[bool]:
+        """Per prompt, whether every tokenizer of ``model`` keeps the placeholder's first token."""
+        uses = [True] * len(prompts)
+        for attr, ids in self.token_ids(model).items():
+            tokenizer = getattr(model, attr)
+            for start in range(0, len(prompts), 1024):
+                chunk = prompts[start : start + 1024]
+                encoded = tokenizer(chunk, truncation=True, max_length=tokenizer.model_max_length).input_ids
+                for i, row in enumerate(encoded, start):
+                    uses[i] = uses[i] and ids[0] in row
+        return uses
 
     def token_ids(self, model: nn.Module) -> dict[str, list[int]]:
         """The placeholder's token ids in each tokenizer of ``model`` (``{"tokenizer": [519, 520]}``)."""

@@ -9,6 +9,7 @@ every process, the data position, the running loss and the trained tensors no ad
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionpeft import files
+from visionpeft import files, tensorfiles
 from visionpeft.api import save as save_adapter
-from visionpeft.errors import TrainingError
+from visionpeft.errors import AdapterMismatchError, TrainingError
 from visionpeft.method import get_state
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -92,7 +93,10 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
     names = _adapter_names(model)
     for name in names:
         folder = directory if len(names) == 1 else directory / name
-        payload, tensors = files.read_adapter(folder)
+        try:
+            payload, tensors = files.read_adapter(folder)
+        except AdapterMismatchError as err:  # a damaged file; a tensor that does not fit is reported below
+            raise TrainingError(f"resume: {err} ({_damaged_hint(directory.parent)})") from err
         method = state.adapters[name].method
         if payload["method"] != method.name:
             raise TrainingError(
@@ -163,10 +167,12 @@ def write_checkpoint(
         "rng": rng,
         "extra_tensors": {n: p.detach().cpu() for n, p in extra_trainables(model).items()},
     }
-    summary = {"step": progress["step"], "epoch": progress["epoch"], "batch_in_epoch": progress["batch"],
-               "total_steps": progress["total_steps"], "lr": optimizer.param_groups[0]["lr"]}
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    # torch checks no checksum of its zip members: a flipped bit in the optimizer state would load.
+    summary = {"step": progress["step"], "epoch": progress["epoch"], "batch_in_epoch": progress["batch"],
+               "total_steps": progress["total_steps"], "lr": optimizer.param_groups[0]["lr"],
+               "state_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
 
     def write(folder: Path) -> None:
         save_adapters(model, folder / ADAPTER_DIR)
@@ -177,9 +183,43 @@ def write_checkpoint(
     return files.replace_folder(path, write, sweep=True)
 
 
+def _damaged_hint(checkpoint: Path) -> str:
+    return (f"the checkpoint is damaged: delete {checkpoint} to resume from the one before it, or start the run in a "
+            "new output_dir")
+
+
 def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The ``trainer_state.pt`` of a checkpoint folder, loaded without unpickling code."""
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    """The ``trainer_state.pt`` of a checkpoint folder, loaded without unpickling code.
+
+    A damaged file (truncated, or holding what ``weights_only`` refuses) raises
+    :class:`TrainingError` naming it and saying how to go on.
+    """
+    checkpoint = Path(checkpoint)
+    state = tensorfiles.read_torch(checkpoint / STATE_FILE, error=TrainingError, key="resume",
+                                   fix=_damaged_hint(checkpoint))
+    # After the load, which names what is wrong with a file it cannot read; the checksum catches
+    # the damage torch would load silently.
+    _check_state_checksum(checkpoint)
+    if not isinstance(state, dict):
+        raise TrainingError(f"resume: {checkpoint / STATE_FILE} is not a trainer state; {_damaged_hint(checkpoint)}")
+    return state
+
+
+def _check_state_checksum(checkpoint: Path) -> None:
+    """Refuse a ``trainer_state.pt`` that differs from the SHA-256 its ``trainer_state.json`` records.
+
+    Checkpoints written before the checksum was recorded have none and are not checked.
+    """
+    try:
+        recorded = json.loads((checkpoint / STATE_SUMMARY_FILE).read_text(encoding="utf-8")).get("state_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None:
+        return
+    actual = hashlib.sha256((checkpoint / STATE_FILE).read_bytes()).hexdigest()
+    if actual != recorded:
+        raise TrainingError(f"resume: {checkpoint / STATE_FILE} does not match the checksum in {STATE_SUMMARY_FILE} "
+                            f"(the file is damaged); {_damaged_hint(checkpoint)}")
 
 
 def restore_checkpoint(

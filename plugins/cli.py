@@ -9,18 +9,23 @@
     visionpeft export lora --adapter DIR --format kohya|diffusers [--output PATH]
 
 Errors in the user's input print one line saying what is wrong and exit with status 2 (1 when
-training cannot go on); set ``VISIONPEFT_DEBUG=1`` to see the traceback instead.
+training cannot go on). So does a file-system error (a full disk, a path under a file, permission
+denied): one line naming the path and what to do, status 2 when the path itself is wrong, else 1.
+Set ``VISIONPEFT_DEBUG=1`` to see the traceback instead. Any other exception is a bug: it
+propagates (a traceback, status 1) with a last line asking to report it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib.metadata
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from visionpeft._version import __version__
 from visionpeft.errors import ConfigError, VisionPeftError
@@ -31,6 +36,53 @@ DEFAULT_DEMO = "default"
 #: converters of saved adapters into other tools' formats, declared by the domains: a function that
 #: takes the argument list after ``visionpeft export KIND`` and returns the exit status
 EXPORT_ENTRY_POINT_GROUP = "visionpeft.exports"
+
+
+#: errno -> (what could not be done with the path, what to do), for the one line an OSError prints
+_OS_ERRORS = {
+    errno.ENOSPC: ("cannot write", "free space or choose another output_dir"),
+    getattr(errno, "EDQUOT", -1): ("cannot write", "free space (the quota is used up) or choose another output_dir"),
+    errno.EFBIG: ("cannot write", "the file is too large for this file system; choose another output_dir"),
+    errno.EROFS: ("cannot write", "the file system is read-only; choose another output_dir"),
+    errno.EACCES: ("cannot access", "check its permissions (and its folders') or choose another path"),
+    errno.EPERM: ("cannot access", "check its permissions (and its folders') or choose another path"),
+    errno.ENOTDIR: ("cannot use", "a part of the path is a file, not a folder; move that file or choose another path"),
+    errno.EISDIR: ("cannot use", "it is a folder, not a file; give a file path"),
+    errno.ENOENT: ("cannot use", "it does not exist; check the path"),
+    errno.EEXIST: ("cannot use", "something is already there; remove it or choose another path"),
+    errno.ENAMETOOLONG: ("cannot use", "choose a shorter path"),
+    errno.EIO: ("cannot read or write", "the disk or network file system failed; check it and try again"),
+    errno.EPIPE: ("cannot write", "what read the output (a pipe) was closed"),
+}
+#: errors that say the path given is wrong (exit status 2, like other bad input)
+_BAD_PATH = {errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG}
+#: errors that say the storage is full: a failed write of an open file names no file
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG}
+
+
+def _os_error_line(err: OSError) -> str:
+    """The one line an ``OSError`` prints: the path (when the error names one), the reason, what to do."""
+    verb, fix = _OS_ERRORS.get(err.errno, ("cannot use", "check the path and try again"))
+    reason = err.strerror or (str(err).splitlines() or [""])[0] or type(err).__name__
+    if err.filename is None:
+        if err.errno is None:  # not from the operating system (e.g. a network library's error)
+            return f"error: {type(err).__name__}: {reason}; set VISIONPEFT_DEBUG=1 to see the traceback"
+        return f"error: {reason}; {fix}"
+    path = os.fsdecode(err.filename) if isinstance(err.filename, bytes) else str(err.filename)
+    if err.filename2 is not None:
+        path += f" -> {os.fsdecode(err.filename2) if isinstance(err.filename2, bytes) else err.filename2}"
+    return f"error: {verb} {path}: {reason}; {fix}"
+
+
+@contextlib.contextmanager
+def _writing_into(output_dir: str) -> Iterator[None]:
+    """Name ``output_dir`` in a full-disk ``OSError`` that names no file (a write to an open file failed)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno in _FULL:
+            raise OSError(err.errno, err.strerror, output_dir) from err
+        raise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +123,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a line is written (notebooks and tests replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """Show visionpeft's own INFO lines on stderr; other libraries' loggers and the root logger are left alone.
+
+    Configuring the root logger would print every library's INFO lines (open_clip's, for one).
+    Under ``accelerate launch`` the processes after the first show warnings and errors only.
+    """
+    logger = logging.getLogger("visionpeft")
+    logger.setLevel(logging.INFO)
+    handler = next((h for h in logger.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    handler.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
 def _methods(domain: str | None) -> int:
     from visionpeft.api import methods
 
@@ -85,15 +165,20 @@ def _methods(domain: str | None) -> int:
 
 
 def _train(path: str, overrides: list[str], resume: bool) -> int:
+    from visionpeft.report import run_json, run_table
     from visionpeft.runconfig import load_run_config
     from visionpeft.train import Trainer
 
     run = load_run_config(path, overrides)
     task = run.make_task()
     model = task.build_model()
-    trainer = Trainer(task, run.train, run.output_dir, model=model, run_config=run.to_dict())
-    metrics = trainer.fit(resume=resume)
-    print(json.dumps({"output_dir": run.output_dir, **metrics}, default=str))
+    with _writing_into(run.output_dir):
+        trainer = Trainer(task, run.train, run.output_dir, model=model, run_config=run.to_dict())
+        result = trainer.fit(resume=resume)
+    if trainer.accelerator.is_main_process:
+        # The table for people; the JSON line stays the last line of stdout for scripts.
+        print(run_table(run.output_dir, result))
+        print(run_json(run.output_dir, result))
     return 0
 
 
@@ -106,9 +191,13 @@ def _eval(path: str, overrides: list[str], adapter: str | None) -> int:
     # The model first: the evaluation transform may depend on it (its normalisation statistics).
     model = task.build_model(adapter=adapter)
     if task.eval_dataset() is None:
-        raise ConfigError("data.eval_split: the task has no evaluation set; set data.eval_split")
-    trainer = Trainer(task, run.train, run.output_dir, model=model)
-    print(json.dumps(trainer.evaluate(), default=str))
+        # The task says which of its keys turns an evaluation on: keys differ between tasks.
+        raise ConfigError(task.no_evaluation())
+    with _writing_into(run.output_dir):
+        trainer = Trainer(task, run.train, run.output_dir, model=model)
+        metrics = trainer.evaluate()
+    if trainer.accelerator.is_main_process:
+        print(json.dumps(metrics, default=str))
     return 0
 
 
@@ -186,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("demo", "export"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_to_stderr()
     try:
         if args.command == "methods":
             return _methods(args.domain)
@@ -202,6 +291,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
+    except OSError as err:
+        if os.environ.get("VISIONPEFT_DEBUG"):
+            raise
+        print(_os_error_line(err), file=sys.stderr)
+        return 2 if err.errno in _BAD_PATH else 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as err:
+        # Re-raised, so that callers of main() see it and the console script exits with status 1;
+        # the note is the last line of the traceback Python prints.
+        note = (f"error: this is a bug in visionpeft {__version__}, not in your input; please report it with this "
+                "traceback and the command you ran")
+        if hasattr(err, "add_note"):
+            err.add_note(note)
+        else:  # Python 3.10: before the traceback
+            print(note, file=sys.stderr)
+        raise

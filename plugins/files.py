@@ -8,24 +8,25 @@ its parameters) so that loading onto another base model fails before anything ch
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from visionpeft import tensorfiles
 from visionpeft._version import __version__
 from visionpeft.errors import AdapterError, AdapterMismatchError
 from visionpeft.hosts import model_family
@@ -36,33 +37,54 @@ ADAPTER_FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 EMBEDDED_CONFIG_KEY = "visionpeft_config"
+#: the weights' metadata key of :func:`tensors_digest`
+TENSORS_DIGEST_KEY = "visionpeft_tensors_sha256"
+
+
+def _create_temporary(folder: Path, name: str) -> tuple[int, Path]:
+    """Create, open and return a new empty file ``.<name>.<random>.tmp`` in ``folder``."""
+    # Not tempfile.mkstemp: it creates mode 0o600 files, and the rename would keep that mode.
+    # Creating with 0o666 lets the kernel apply the umask (and a folder's default ACL) as for any
+    # file the user makes. Reading the umask to chmod instead would mean setting it (os.umask is
+    # process-wide: another thread could create a file meanwhile) or parsing /proc (Linux only).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", os.fspath(folder / f".{name}.*.tmp"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
-    renamed over ``path`` (an atomic operation on POSIX and Windows).
+    renamed over ``path`` (an atomic operation on POSIX and Windows). The file gets the mode the
+    umask gives a new file (``0o666 & ~umask``). An ``OSError`` from writing (a full disk) names
+    ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path.parent, path.name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if err.errno is None or err.filename is not None:
+                raise
+            # A failed write of an open file names no file; the caller's message needs the path.
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    _fsync_folder(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -112,6 +134,49 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+def _split_safetensors(blob: bytes) -> tuple[dict[str, Any], memoryview]:
+    """The header and the data section of a serialized safetensors file; ``ValueError`` if it is not one.
+
+    The format: 8 bytes (little-endian header size), the JSON header, then the tensors' bytes.
+    """
+    if len(blob) < 8:
+        raise ValueError("it is shorter than a safetensors header")
+    size = int.from_bytes(blob[:8], "little")
+    if size > len(blob) - 8:
+        raise ValueError("it is truncated inside its header")
+    try:
+        header = json.loads(bytes(blob[8 : 8 + size]))
+    except ValueError as err:
+        raise ValueError(f"its header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    data = memoryview(blob)[8 + size :]
+    try:
+        end = max((entry["data_offsets"][1] for k, entry in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError) as err:
+        raise ValueError("its header does not describe tensors") from err
+    if not isinstance(end, int) or end != len(data):
+        raise ValueError(f"it is truncated or damaged: its header describes {end} bytes of tensor data, "
+                         f"the file holds {len(data)}")
+    return header, data
+
+
+def tensors_digest(blob: bytes) -> str:
+    """The SHA-256 of the tensors of a serialized safetensors file (``ValueError`` if it is not one).
+
+    It covers the tensor index (the header without ``__metadata__``, as canonical JSON) and the
+    data section, and not the metadata, so it can be stored in the metadata of the file it checks.
+    """
+    return _digest(*_split_safetensors(blob))
+
+
+def _digest(header: Mapping[str, Any], data: memoryview) -> str:
+    index = {k: v for k, v in header.items() if k != "__metadata__"}
+    digest = hashlib.sha256(json.dumps(index, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
 def write_adapter(
     directory: str | os.PathLike,
     *,
@@ -123,9 +188,10 @@ def write_adapter(
 ) -> Path:
     """Write an adapter folder; each file is replaced atomically.
 
-    The weights file also carries the config in its metadata, and the JSON config records the
-    weights' SHA-256. The weights are written first: if a crash comes between the two writes, the
-    folder holds the new, self-describing weights beside the old JSON, and
+    The weights file also carries the config and the SHA-256 of its own tensors
+    (:func:`tensors_digest`) in its metadata, and the JSON config records the SHA-256 of the whole
+    weights file. The weights are written first: if a crash comes between the two writes, the
+    folder holds the new, self-describing and self-checking weights beside the old JSON, and
     :func:`read_adapter` loads the new adapter from the weights' own copy of the config.
     """
     directory = Path(directory)
@@ -139,6 +205,9 @@ def write_adapter(
         "versions": _library_versions(),
     }
     metadata = {"format": "pt", "visionpeft_method": method, EMBEDDED_CONFIG_KEY: json.dumps(payload)}
+    # Serialized twice: the digest goes into the header, and the tensors' index and bytes do not
+    # depend on the metadata, so the second file has the tensors the first one's digest describes.
+    metadata[TENSORS_DIGEST_KEY] = tensors_digest(safetensors_save(cpu, metadata=metadata))
     blob = safetensors_save(cpu, metadata=metadata)
     payload["weights"] = {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(blob).hexdigest(), "num_tensors": len(cpu)}
     atomic_write_bytes(directory / WEIGHTS_NAME, blob)
@@ -156,17 +225,47 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(os.fspath(path), "pt") as f:
             return dict(f.metadata() or {})
     except (OSError, SafetensorError) as err:
-        raise AdapterError(f"{path} is not a readable .safetensors file ({err})") from err
+        raise AdapterError(f"{path} is not a readable .safetensors file ({err}); it is truncated, damaged or not "
+                           "safetensors: write it again or restore it") from err
 
 
-def _embedded_config(weights: Path, sha256: str) -> dict[str, Any] | None:
-    """The config a weights file (of checksum ``sha256``) carries in its metadata, or ``None``."""
+_RESTORE = (f"Save the adapter again, or restore {WEIGHTS_NAME} and {CONFIG_NAME} together from a copy "
+            "(the two files of one save)")
+
+
+def _embedded_config(weights: Path, blob: bytes, sha256: str) -> dict[str, Any] | None:
+    """The config the weights file (bytes ``blob``, checksum ``sha256``) carries in its metadata.
+
+    ``None`` when it carries none (weights from elsewhere). Weights whose tensors do not match the
+    digest in their own metadata, or that carry no digest (written by an older visionpeft, so
+    they cannot be told from damaged ones), raise :class:`AdapterMismatchError`.
+    """
     try:
-        payload = json.loads(read_safetensors_metadata(weights)[EMBEDDED_CONFIG_KEY])
-    except (AdapterError, KeyError, ValueError):
+        header, data = _split_safetensors(blob)
+    except ValueError as err:
+        raise AdapterMismatchError(
+            f"{weights} is not a complete safetensors file ({err}) and does not match the checksum recorded in "
+            f"{CONFIG_NAME}. {_RESTORE}"
+        ) from err
+    metadata = header.get("__metadata__")
+    try:
+        payload = json.loads(metadata[EMBEDDED_CONFIG_KEY])
+    except (TypeError, KeyError, ValueError):
         return None
     if not isinstance(payload, dict):
         return None
+    recorded = metadata.get(TENSORS_DIGEST_KEY)
+    if recorded is None:
+        raise AdapterMismatchError(
+            f"{weights} does not match the checksum recorded in {CONFIG_NAME}, and it was written by an older "
+            "visionpeft that stored no checksum of its tensors in the file, so it cannot be told apart from a damaged "
+            f"file. {_RESTORE}"
+        )
+    if _digest(header, data) != recorded:
+        raise AdapterMismatchError(
+            f"{weights} is damaged: its tensors match neither the checksum stored in the file nor the one recorded "
+            f"in {CONFIG_NAME}. {_RESTORE}"
+        )
     payload["weights"] = {"file": weights.name, "sha256": sha256, "num_tensors": None}
     return payload
 
@@ -179,15 +278,16 @@ def _read_weights(path: Path) -> tuple[bytes, str] | None:
     return blob, hashlib.sha256(blob).hexdigest()
 
 
-def _checked_config(path: Path, payload: dict[str, Any], weights: Path, sha256: str | None) -> dict[str, Any]:
+def _checked_config(path: Path, payload: dict[str, Any], weights: Path, read: tuple[bytes, str] | None
+                    ) -> dict[str, Any]:
     """The config of an adapter folder, from the JSON at ``path`` or, if the JSON does not describe the
     weights (a save interrupted between its two writes), from the weights' metadata (with a warning)."""
-    if sha256 is not None and payload.get("weights", {}).get("sha256") != sha256:
-        embedded = _embedded_config(weights, sha256)
+    if read is not None and payload.get("weights", {}).get("sha256") != read[1]:
+        embedded = _embedded_config(weights, *read)
         if embedded is not None:
             logger.warning(
                 "%s does not describe %s (a save was interrupted between its two writes?); using the config "
-                "stored in the weights file", path, weights.name,
+                "stored in the weights file, whose tensors match their own checksum", path, weights.name,
             )
             payload = embedded
     version = payload.get("format_version")
@@ -213,7 +313,7 @@ def _checked_tensors(path: Path, payload: Mapping[str, Any], weights: tuple[byte
             f"{path} does not match the checksum recorded in {CONFIG_NAME}: the save was interrupted "
             "or the file was changed. Save the adapter again or restore both files together."
         )
-    return safetensors_load(blob)
+    return tensorfiles.read_safetensors(path, data=blob, error=AdapterMismatchError, fix=_RESTORE)
 
 
 def _open_adapter(directory: Path) -> tuple[dict[str, Any], Path, tuple[bytes, str] | None]:
@@ -225,11 +325,13 @@ def _open_adapter(directory: Path) -> tuple[dict[str, Any], Path, tuple[bytes, s
         )
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # invalid JSON or not UTF-8
         raise AdapterMismatchError(f"{path} is not valid JSON ({err}); the file is damaged") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("weights", {}), dict):
+        raise AdapterMismatchError(f"{path} is not an adapter config (a JSON object); the file is damaged")
     weights = directory / payload.get("weights", {}).get("file", WEIGHTS_NAME)
     read = _read_weights(weights)
-    return _checked_config(path, payload, weights, read[1] if read is not None else None), weights, read
+    return _checked_config(path, payload, weights, read), weights, read
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -237,7 +339,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
     The weights file is read and hashed once, for both. When the JSON does not describe the
     weights beside it (a save interrupted between its two writes), the config the weights file
-    carries is used instead, with a warning; weights that match neither raise the checksum error.
+    carries is used instead, with a warning, once its tensors match the checksum it also carries;
+    weights that match neither raise :class:`AdapterMismatchError` naming the file.
     """
     payload, weights, read = _open_adapter(Path(directory))
     return payload, _checked_tensors(weights, payload, read)

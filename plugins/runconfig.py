@@ -227,7 +227,7 @@ def _with_recipe(task_cls: Any, train: Any, data: Any) -> Any:
         return train
     recipes = getattr(task_cls, "recipes", {})
     name = train["recipe"]
-    if name not in recipes:
+    if not isinstance(name, str) or name not in recipes:
         raise ConfigError(f"train.recipe: {name!r} is not a recipe of task {task_cls.name!r}; choose one of "
                           f"{sorted(recipes) or 'none'}")
     return {**task_cls.recipe(name, data), **train}

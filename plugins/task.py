@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visionpeft.config import Section, field
-from visionpeft.errors import ConfigError
+from visionpeft.errors import ConfigError, TrainingError
 
 ENTRY_POINT_GROUP = "visionpeft.tasks"
 
@@ -47,8 +47,16 @@ class Task:
     whose ``data`` is an instance of the task's :attr:`Data` dataclass. :meth:`check_config` runs
     before any model is built, for the rules that span sections (a ``model`` key the domain needs,
     what the method takes from the data). The trainer then calls, in order: :meth:`build_model`,
-    :meth:`train_dataset`, :meth:`eval_dataset`, and per batch :meth:`loss`; :meth:`evaluate`
-    every ``eval_every`` steps; :meth:`export` at the end.
+    :meth:`train_dataset`, :meth:`eval_dataset`, and per batch :meth:`loss`; an evaluation every
+    ``eval_every`` steps and at the end; :meth:`export` at the end.
+
+    An evaluation is three calls, so that it splits over processes without the trainer knowing a
+    metric's formula: :meth:`evaluate` on every process, over that process's share of the
+    evaluation batches, returns totals that add up (counts and sums, never ratios); the trainer
+    sums each total over the processes; :meth:`summarize` turns the sums into the reported metrics
+    (the same on every process); :meth:`write_evaluation` writes the evaluation's files on the main
+    process only. A task that evaluates a second data set (the vla task's novel classes) gets this
+    process's share of its batches from :meth:`eval_batches`.
     """
 
     name: str = ""
@@ -97,9 +105,41 @@ class Task:
         """The scalar loss of one batch (already on the model's device)."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, batches: Any) -> dict[str, float]:
-        """Metrics over an iterable of evaluation batches, e.g. ``{"top1": 0.81}``."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+        """Totals over ``batches``, this process's share of the evaluation batches, that add up over processes.
+
+        Counts and sums, never ratios (``{"correct": 81, "samples": 100, "loss_sum": 52.3}``): the
+        trainer sums each key over the processes and hands the sums to :meth:`summarize`, so a run on
+        N processes reports what one process would. A process may get no batch: return zeros then.
+        """
         return {}
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, Any]:
+        """The reported metrics from the totals of :meth:`evaluate` summed over every process.
+
+        For example ``top1 = correct / samples``. It runs on every process with the same totals and
+        writes nothing; the default reports the totals themselves.
+        """
+        return dict(totals)
+
+    def write_evaluation(self, model: nn.Module, metrics: dict[str, Any]) -> None:
+        """Write the files of one evaluation (``results.json``, sample grids); default: nothing.
+
+        The trainer calls it on the main process only, after :meth:`summarize`, with :attr:`step` set.
+        """
+
+    def eval_batches(self, dataset: Dataset) -> Iterable[Any]:
+        """This process's share of ``dataset``'s evaluation batches, collated and on the model's device.
+
+        For a second evaluation set inside :meth:`evaluate`; the trainer provides it (batched like
+        the evaluation set), so this default only says where it comes from.
+        """
+        raise TrainingError("Task.eval_batches is provided by the trainer (visionpeft.train.Trainer) while it "
+                            "evaluates; call Trainer.evaluate instead of Task.evaluate")
+
+    def no_evaluation(self) -> str:
+        """Why this run has no evaluation set and how to get one, in the task's own keys (for ``visionpeft eval``)."""
+        return f"the {self.name or type(self).__name__} task has no evaluation for this run config"
 
     def export(self, model: nn.Module, output_dir: str | os.PathLike) -> None:
         """Write the task's own files at the end of a run (``results.json``); default: nothing.

@@ -9,7 +9,12 @@ guard, ``metrics.jsonl``, ``curves.png`` and the final adapter. The optimizer an
 Data order is the trainer's own (:class:`~visionpeft.batches.EpochBatchSampler`) instead of
 accelerate's prepared dataloader, so that a run can restart at any batch of an epoch and, on CPU, a
 resumed run ends bit-identical to an uninterrupted one. Under ``accelerate launch`` each process
-trains on its shard of every epoch's batches; nothing in the code changes.
+trains on its shard of every epoch's batches and evaluates its share of the evaluation batches; the
+task's evaluation totals are summed over the processes (:meth:`Trainer.evaluate`), a non-finite loss
+on any process stops all of them with one message, and only the main process writes files.
+
+At the end of a run the final checkpoint and ``adapter/`` (with the methods' exports) are written
+before anything else can fail; then the final evaluation, the task's files and the curves.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ from visionpeft.batches import EpochBatchSampler
 from visionpeft.checkpoints import ADAPTER_DIR, CHECKPOINTS_DIR, save_adapters
 from visionpeft.errors import NonFiniteLossError, TrainingError
 from visionpeft.hosts import enable_gradient_checkpointing
+from visionpeft.inject import count_parameters
 from visionpeft.method import RunInfo, attached_methods, set_train_mode
 from visionpeft.optim import build_optimizer, build_scheduler, trainables_to_fp32
 from visionpeft.runconfig import TrainConfig
@@ -51,6 +59,21 @@ _DATA_ORDER_KEYS = ("seed", "batch_size", "shuffle", "drop_last", "grad_accum")
 def _plain(value: Any) -> Any:
     scalar = isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1)
     return value.item() if scalar else value
+
+
+def _add_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of each key over the processes' evaluation totals (ints stay exact)."""
+    sums: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            value = _plain(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TrainingError(
+                    f"Task.evaluate returned {key}={value!r}: it returns totals that add up over processes (counts "
+                    "and sums); compute ratios and other values in Task.summarize"
+                )
+            sums[key] = sums.get(key, 0) + value
+    return sums
 
 
 def _make_accelerator(precision: str) -> Any:
@@ -145,6 +168,11 @@ class Trainer:
         self._last_eval: tuple[int, dict[str, Any]] | None = None
         self._eval_data: Dataset | None = None
         self._eval_loaded = False
+        self._eval_device: torch.device | None = None
+        self._micro_per_epoch = 0
+        self._started = 0.0
+        # A task that evaluates a second data set (vla's novel classes) takes its batches from here.
+        task.eval_batches = self.eval_batches
 
     # -- public --
 
@@ -156,15 +184,19 @@ class Trainer:
         uninterrupted run. ``stop_after`` ends the run after that many optimizer steps in all,
         writing a checkpoint there; the schedule still spans the whole run.
 
-        Returns ``{"step", "epoch", "loss"}`` plus ``"eval"`` (the task's metrics) at the end, or
-        ``"stopped": True`` when ``stop_after`` ended the run early.
+        Returns ``step``, ``epoch`` (the epoch of the last step, as ``metrics.jsonl`` counts it),
+        ``epochs`` (epochs trained, a fraction when a run ends mid-epoch), ``loss`` (the last logged
+        mean), ``seconds`` (this call's wall time), ``params`` (``trainable`` and ``total``), plus
+        ``eval`` (the task's metrics) at the end, or ``stopped: True`` when ``stop_after`` ended the
+        run early.
         """
         train, acc = self.train, self.accelerator
+        self._started = time.monotonic()
         if stop_after is not None and stop_after < 1:
             raise TrainingError(f"stop_after must be a positive number of optimizer steps, got {stop_after}")
         dataset = self.task.train_dataset()
         self._eval_dataset()
-        micro_per_epoch = len(self._sampler(len(dataset), epoch=0))
+        micro_per_epoch = self._micro_per_epoch = len(self._sampler(len(dataset), epoch=0))
         if micro_per_epoch == 0:
             raise TrainingError(
                 f"the training set ({len(dataset)} samples) gives no batch of train.batch_size "
@@ -206,38 +238,57 @@ class Trainer:
                 if not self._saved_now():
                     self._save_checkpoint(total)
                 loss = self._window_loss()
-                loss = self._last_loss if loss is None else loss
-                return {"step": self.global_step, "epoch": self.epoch, "loss": loss, "stopped": True}
+                return {**self._result(self._last_loss if loss is None else loss), "stopped": True}
             return self._finish(total)
         finally:
             acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
             acc.free_memory()
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """The task's metrics on its evaluation set (``{}`` if it has none), in eval mode, no gradients."""
+        """The task's metrics on its evaluation set (``{}`` if it has none), in eval mode, no gradients.
+
+        A collective call: each process evaluates its share of the batches (:meth:`eval_batches`),
+        the totals of ``Task.evaluate`` are summed over the processes and ``Task.summarize`` makes
+        the metrics, so they equal a single-process evaluation (counts exactly); the main process
+        then writes the evaluation's files (``Task.write_evaluation``).
+        """
         data = self._eval_dataset()
         if data is None:
             return {}
         model = self.model if model is None else model
         param = next(model.parameters(), None)
-        device = param.device if param is not None else self.accelerator.device
-        loader = DataLoader(
-            data,
-            batch_size=self.train.eval_batch_size or self.train.batch_size,
-            shuffle=False,
-            collate_fn=self.task.collate,
-            num_workers=self.train.num_workers,
-            generator=torch.Generator().manual_seed(self.train.seed),
-        )
-        from accelerate.utils import send_to_device
-
+        self._eval_device = param.device if param is not None else self.accelerator.device
         set_train_mode(model, False)
         # Tasks that write files per evaluation (sample grids) name them by the step.
         self.task.step = self.global_step
-        batches = (send_to_device(batch, device) for batch in loader)
         with torch.no_grad(), self._autocast():
-            metrics = self.task.evaluate(model, batches)
-        return {key: _plain(value) for key, value in dict(metrics).items()}
+            totals = self._summed(lambda: self.task.evaluate(model, self.eval_batches(data)))
+            metrics = {key: _plain(value) for key, value in self.task.summarize(totals).items()}
+            self._on_main(lambda: self.task.write_evaluation(model, metrics))
+        return metrics
+
+    def eval_batches(self, dataset: Dataset) -> Iterator[Any]:
+        """This process's share of ``dataset``'s evaluation batches, collated and on the evaluated model's device.
+
+        The samples in order, in batches of ``train.eval_batch_size`` (default ``batch_size``);
+        process ``rank`` of N takes every N-th batch from its ``rank``-th. Nothing is padded or
+        repeated, so the processes together see every sample exactly once (a process may get none).
+        """
+        from accelerate.utils import send_to_device
+
+        acc, train = self.accelerator, self.train
+        size = train.eval_batch_size or train.batch_size
+        batches = [list(range(start, min(start + size, len(dataset)))) for start in range(0, len(dataset), size)]
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches[acc.process_index :: acc.num_processes],
+            collate_fn=self.task.collate,
+            num_workers=train.num_workers,
+            # Creating the iterator must not draw from the global RNG, which checkpoints restore.
+            generator=torch.Generator().manual_seed(train.seed),
+        )
+        device = self._eval_device or acc.device
+        return (send_to_device(batch, device) for batch in loader)
 
     # -- the loop --
 
@@ -277,9 +328,7 @@ class Trainer:
                         with contextlib.nullcontext() if sync else acc.no_sync(wrapped):
                             with self._autocast():
                                 loss = self.task.loss(wrapped, batch)
-                            value = float(loss.detach().float())
-                            if not math.isfinite(value):
-                                raise self._non_finite(value, epoch, self.batch_in_epoch + micro)
+                            value = self._checked_loss(loss, epoch, self.batch_in_epoch + micro)
                             # The mean over the step's micro-batches (fewer in an epoch's last step).
                             loss = loss / count
                             acc.backward(loss if scaler is None else scaler.scale(loss))
@@ -296,6 +345,21 @@ class Trainer:
                         break
         finally:
             bar.close()
+
+    def _checked_loss(self, loss: torch.Tensor, epoch: int, batch: int) -> float:
+        """The loss's value; a non-finite loss on any process stops every process with the same error."""
+        value = float(loss.detach().float())
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            if not math.isfinite(value):
+                raise self._non_finite(value, epoch, batch)
+            return value
+        # Every process learns every loss (a collective call), so all of them stop at the same batch.
+        values = acc.gather(loss.detach().float().reshape(1)).tolist()
+        for rank, other in enumerate(values):
+            if not math.isfinite(other):
+                raise self._non_finite(other, epoch, batch, process=rank)
+        return value
 
     def _optimizer_step(self, trainable: list[nn.Parameter]) -> float:
         """Clip, step the optimizer (through fp16's loss scaler) and the schedule; the step's rate."""
@@ -356,43 +420,115 @@ class Trainer:
         last = self.last_checkpoint
         return last is not None and last.name == checkpoints.checkpoint_path(self.output_dir, self.global_step).name
 
+    def _last_step_epoch(self) -> int:
+        """The epoch the last optimizer step belonged to, as ``metrics.jsonl`` records it."""
+        return self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
+
+    def _result(self, loss: float | None) -> dict[str, Any]:
+        total, trainable = count_parameters(self.model)
+        epochs = self.epoch + self.batch_in_epoch / self._micro_per_epoch if self._micro_per_epoch else self.epoch
+        return {"step": self.global_step, "epoch": self._last_step_epoch(), "epochs": round(epochs, 4),
+                "loss": loss, "seconds": round(time.monotonic() - self._started, 2),
+                "params": {"trainable": trainable, "total": total}}
+
     def _finish(self, total: int) -> dict[str, Any]:
-        acc = self.accelerator
-        epoch = self.epoch - 1 if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch
+        """End the run: the files that hold the training first, so a failing evaluation cannot lose them.
+
+        Order: the last loss line, the final checkpoint, ``adapter/`` and the methods' exports (files
+        of the trained tensors alone), then the final evaluation, the task's files (``results.json``)
+        and the curves.
+        """
+        epoch = self._last_step_epoch()
         if self._loss_count:
             self._log_loss(epoch, self._step_lr)
+        if not self._saved_now():
+            self._save_checkpoint(total)
+        self._on_main(self._write_adapter)
         metrics: dict[str, Any] = {}
         if self._eval_dataset() is not None:
             if self._last_eval is not None and self._last_eval[0] == self.global_step:
                 metrics = self._last_eval[1]
             else:
                 metrics = self._evaluate_and_log(epoch)
-        if not self._saved_now():
-            self._save_checkpoint(total)
-        if acc.is_main_process:
-            if not save_adapters(self.model, self.output_dir / ADAPTER_DIR):
-                logger.info("no visionpeft adapter is attached; %s/ was not written", ADAPTER_DIR)
-            run = RunInfo(config=getattr(self.task, "run", None), step=self.global_step)
-            for method in attached_methods(self.model):
-                method.export(self.model, self.output_dir, run)
-            self.task.export(self.model, self.output_dir)
-            from visionpeft.plots import plot_curves
-
-            plot_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_FILE)
-        acc.wait_for_everyone()
-        result: dict[str, Any] = {"step": self.global_step, "epoch": self.epoch, "loss": self._last_loss}
+        self._on_main(self._write_reports)
+        result = self._result(self._last_loss)
         if metrics:
             result["eval"] = metrics
         return result
 
-    def _non_finite(self, value: float, epoch: int, batch: int) -> NonFiniteLossError:
+    def _write_adapter(self) -> None:
+        if not save_adapters(self.model, self.output_dir / ADAPTER_DIR):
+            logger.info("no visionpeft adapter is attached; %s/ was not written", ADAPTER_DIR)
+        run = RunInfo(config=getattr(self.task, "run", None), step=self.global_step)
+        for method in attached_methods(self.model):
+            method.export(self.model, self.output_dir, run)
+
+    def _write_reports(self) -> None:
+        from visionpeft.plots import plot_curves
+
+        self.task.export(self.model, self.output_dir)
+        plot_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_FILE)
+
+    def _non_finite(self, value: float, epoch: int, batch: int, process: int | None = None) -> NonFiniteLossError:
         last = self.last_checkpoint
         last = f"the last checkpoint is {last}" if last is not None else "no checkpoint was written yet"
+        where = f", on process {process} of {self.accelerator.num_processes}" if process is not None else ""
         return NonFiniteLossError(
             f"the loss is {value} at optimizer step {self.global_step + 1} (epoch {epoch}, batch {batch} of "
-            f"the epoch); {last}. Try a lower train.lr, train.precision bf16 or fp32 instead of fp16, or "
+            f"the epoch{where}); {last}. Try a lower train.lr, train.precision bf16 or fp32 instead of fp16, or "
             "train.max_grad_norm (e.g. 1.0) to clip the gradients"
         )
+
+    # -- processes --
+
+    def _summed(self, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The totals ``compute()`` returns, summed over every process (a collective call).
+
+        If ``compute`` fails on any process, every process stops: the failing one with its own
+        error, the others with a :class:`TrainingError` naming it (none is left waiting).
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return _add_totals([compute()])
+        try:
+            part: dict[str, Any] | str = dict(compute())
+        except Exception as err:
+            part, error = f"{type(err).__name__}: {err}", err
+        else:
+            error = None
+        from accelerate.utils import gather_object
+
+        parts = gather_object([part])
+        if error is not None:
+            raise error
+        for rank, other in enumerate(parts):
+            if isinstance(other, str):
+                raise TrainingError(f"the evaluation failed on process {rank} of {acc.num_processes}: {other}")
+        return _add_totals(parts)
+
+    def _on_main(self, write: Callable[[], Any]) -> None:
+        """Run ``write`` on the main process only (a collective call: the others wait for it).
+
+        If it fails, every process stops: the main one with its error, the others with a
+        :class:`TrainingError` that repeats it.
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            write()
+            return
+        error = None
+        if acc.is_main_process:
+            try:
+                write()
+            except Exception as err:
+                error = err
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"])[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise TrainingError(f"the main process failed: {message}")
 
     # -- data --
 

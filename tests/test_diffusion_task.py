@@ -236,6 +236,23 @@ def test_a_paired_condition_of_another_size_is_resized_to_the_image_before_the_c
     assert len(seen) > 1
 
 
+def test_a_paired_condition_of_another_aspect_ratio_is_refused_naming_both_files(tmp_path):
+    """Stretched, a control would point at other pixels than its image's: only another scale is resized."""
+    _image(tmp_path / "img" / "0.png", size=(48, 32))
+    _image(tmp_path / "cond" / "0.png", size=(32, 32))
+    _image(tmp_path / "img" / "1.png", size=(50, 30), seed=1)
+    _image(tmp_path / "cond" / "1.png", size=(17, 10), seed=1)  # a third of the size, rounded
+    records = sd_data.read_records(tmp_path / "img", instance_prompt="x")
+    options = {"resolution": 16, "condition_root": tmp_path / "cond", "image_root": tmp_path / "img"}
+    dataset = sd_data.SDImageDataset(records, **options)
+    assert dataset[1]["condition"].shape == (3, 16, 16)
+    with pytest.raises(DataError, match=r"condition image .*cond/0\.png is 32x32 but its image .*img/0\.png is 48x32, "
+                                        "another aspect ratio"):
+        dataset[0]
+    kept = sd_data.SDImageDataset(records, skip_bad=True, **options)
+    assert [r.path.name for r in kept.records] == ["1.png"] and kept.skipped == [tmp_path / "img" / "0.png"]
+
+
 def test_random_augmentation_and_caption_dropout_depend_on_seed_epoch_and_index(tmp_path):
     for i in range(8):
         _image(tmp_path / f"{i}.png", size=(64, 40), seed=i)
@@ -458,6 +475,35 @@ def test_example_t2i_adapter_runs_and_its_adapter_loads(tiny_run_inputs, tmp_pat
     assert len(out) == 1
 
 
+def test_textual_inversion_refuses_prompts_without_its_placeholder_before_training(tiny_run_inputs, tmp_path, capsys):
+    from visionpeft.cli import main
+
+    root, pipeline = tiny_run_inputs
+    config = EXAMPLES / "diffusion_textual_inversion.yaml"
+    overrides = [*_overrides(root, pipeline, tmp_path / "run"), "method.initializer_token=a"]
+    for prompt, source, example in ((None, f"column 'text' of {root / 'images' / 'metadata.jsonl'}",
+                                     "a photo number 0"),
+                                    ("a photo of a toy", "data.instance_prompt", "a photo of a toy")):
+        args = [f"data.instance_prompt={'null' if prompt is None else prompt}", *overrides]
+        assert main(["train", str(config), *(a for o in args for a in ("--set", o))]) == 2
+        assert (f"method.placeholder_token: '<cat-toy>' is in none of the 2 training prompts ({source}), "
+                f"e.g. '{example}'") in capsys.readouterr().err
+        assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_sampling_conditions_are_center_cropped_as_training_images_not_stretched(tiny_run_inputs, tmp_path):
+    root, pipeline = tiny_run_inputs
+    wide = np.zeros((32, 64), dtype=np.uint8)
+    wide[:, 16:48] = 255  # a white centre square between black sides
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    overrides = [*_overrides(root, pipeline, tmp_path / "run"), f"data.sampling.conditions=[{tmp_path / 'wide.png'}]"]
+    task = load_run_config(EXAMPLES / "diffusion_t2i_adapter_canny.yaml", overrides).make_task()
+    task.build_model()
+    [condition] = task._sample_conditions([0])
+    assert condition.size == (32, 32) and condition.mode == "L"
+    assert np.asarray(condition).min() == 255  # stretched, the black sides would remain
+
+
 def test_an_interrupted_run_resumes_to_the_same_lora(tiny_run_inputs, tmp_path):
     """Random crops, flips, caption dropout, noise and timesteps all replay after a resume."""
     from safetensors.torch import load_file
@@ -472,7 +518,8 @@ def test_an_interrupted_run_resumes_to_the_same_lora(tiny_run_inputs, tmp_path):
         run = parse_run_config({
             "task": "diffusion", "model": {"name": str(pipeline)}, "method": {"name": "lora", "r": 2},
             "data": {"root": str(root / "images"), "resolution": 32, "crop": "random", "flip": True,
-                     "caption_dropout": 0.5, "loss": {"snr_gamma": 5.0, "noise_offset": 0.05}},
+                     "caption_dropout": 0.5, "loss": {"snr_gamma": 5.0, "noise_offset": 0.05},
+                     "eval_images": 0, "sampling": {"prompts": []}},
             "train": {"max_steps": 3, "batch_size": 1, "lr": 1e-3, "progress": False},
             "output_dir": str(tmp_path / name),
         })

@@ -208,6 +208,54 @@ def test_unknown_initializer_word():
         vp.attach(model, "textual_inversion", placeholder_token=TOKEN, initializer_token="q")
 
 
+def test_a_placeholder_that_is_a_vocabulary_word_is_refused():
+    """'photo' is 'photo</w>' in the vocabulary: added as a token it would take the word over in every prompt."""
+    model = _model()
+    tokenizer = model.tokenizer
+    for word, piece in (("photo", "photo</w>"), ("Photo", "photo</w>"), ("of", "of</w>")):
+        with pytest.raises(ConfigError, match=rf"textual_inversion\.placeholder_token: '{word}' is the word "
+                                              rf"'{piece}' of the tokenizer .*'<{word}>'"):
+            vp.attach(model, "textual_inversion", placeholder_token=word, initializer_token="photo")
+    assert model.tokenizer is tokenizer and get_state(model) is None
+
+
+def test_sdxl_placeholder_must_be_new_in_the_second_tokenizer_too():
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    # A second tokenizer whose vocabulary has the word "toy</w>", which the first spells in three pieces.
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = [*symbols, *(s + "</w>" for s in symbols), "to", "toy</w>", "<|startoftext|>", "<|endoftext|>"]
+    model = tiny_sdxl_model()
+    model.tokenizer_2 = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[("t", "o"), ("to", "y</w>")],
+                                      model_max_length=77)
+    assert len(model.tokenizer.encode("toy", add_special_tokens=False)) == 3
+    with pytest.raises(ConfigError, match=r"'toy' is the word 'toy</w>' of the tokenizer_2 .*'<toy>'"):
+        vp.attach(model, "textual_inversion", placeholder_token="toy", initializer_token="a")
+    assert get_state(model) is None and "toy" not in model.tokenizer.get_vocab()
+
+
+def test_prompts_without_the_placeholder_are_refused_before_training():
+    """Vectors no training prompt uses get no gradient; class prompts with them would teach the whole class."""
+    model = _attach(_model())
+    method = _method(model)
+    method.check_prompts(model, ["a photo of a cat", f"a photo of {TOKEN}"], "data.instance_prompt")
+    method.check_prompts(model, [f"a photo of a {TOKEN.upper()}"], "data.instance_prompt", ["a photo of a toy"])
+    with pytest.raises(ConfigError, match=rf"method\.placeholder_token: '{TOKEN}' is in none of the 3 training "
+                                          r"prompts \(the captions\), e\.g\. 'a photo of a cat'"):
+        method.check_prompts(model, ["a photo of a cat", "a dog", "a photo of a cat"], "the captions")
+    # Past the tokenizer's 77 tokens the placeholder is cut off: the text encoder never sees it.
+    with pytest.raises(ConfigError, match="in none of the 1 training prompts"):
+        method.check_prompts(model, ["x " * 80 + TOKEN], "the captions")
+    with pytest.raises(ConfigError, match=rf"'{TOKEN}' is in the class prompt 'a photo of a {TOKEN} toy'"):
+        method.check_prompts(model, [f"a photo of {TOKEN}"], "data.instance_prompt", [f"a photo of a {TOKEN} toy"])
+    sdxl = _attach(tiny_sdxl_model())
+    assert set(_method(sdxl).token_ids(sdxl)) == {"tokenizer", "tokenizer_2"}
+    _method(sdxl).check_prompts(sdxl, [f"a photo of {TOKEN}"], "data.instance_prompt")
+    with pytest.raises(ConfigError, match="in none of the 1 training prompts"):
+        _method(sdxl).check_prompts(sdxl, ["a photo of a cat"], "data.instance_prompt")
+
+
 def test_other_models_are_refused():
     from torch import nn
 

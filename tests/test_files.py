@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import multiprocessing
 import os
@@ -238,6 +239,115 @@ def test_atomic_write_cleans_up_after_an_error(tmp_path, monkeypatch):
         files.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    # A full disk shows at write or fsync time, as an OSError that names no file.
+    target = tmp_path / "f.bin"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        files.atomic_write_bytes(target, b"new")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert os.listdir(tmp_path) == []
+
+
+# --- damaged weights ------------------------------------------------------------------------------
+
+
+def _flip_a_tensor_byte(path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x01  # the last bytes of the file are tensor data, after the header
+    path.write_bytes(bytes(blob))
+
+
+def test_a_flipped_bit_in_the_tensor_data_is_refused_naming_the_file(tmp_path):
+    vp.save(_adapted(), tmp_path)
+    _flip_a_tensor_byte(tmp_path / files.WEIGHTS_NAME)
+    model = toy_net()
+    with pytest.raises(AdapterMismatchError, match=r"adapter\.safetensors is damaged: its tensors match neither the "
+                                                   r"checksum stored in the file.*Save the adapter again, or restore"):
+        vp.load(model, tmp_path)
+    assert get_state(model) is None
+
+
+def test_a_flipped_bit_after_an_interrupted_save_is_refused(tmp_path, monkeypatch):
+    vp.save(_adapted(), tmp_path)
+    monkeypatch.setattr(files, "atomic_write_text", lambda path, text: None)  # the JSON write never happens
+    vp.save(_adapted("bitfit"), tmp_path)
+    monkeypatch.undo()
+    vp.load(toy_net(), tmp_path)  # the new weights beside the old JSON: the interrupted save loads
+    _flip_a_tensor_byte(tmp_path / files.WEIGHTS_NAME)
+    with pytest.raises(AdapterMismatchError, match=r"adapter\.safetensors is damaged"):
+        vp.load(toy_net(), tmp_path)
+
+
+@pytest.mark.parametrize("keep", [20, -10], ids=["in-the-header", "in-the-data"])
+def test_a_truncated_weights_file_is_refused_naming_the_file(tmp_path, keep):
+    vp.save(_adapted(), tmp_path)
+    weights = tmp_path / files.WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(AdapterMismatchError, match=r"adapter\.safetensors is not a complete safetensors file \(it is "
+                                                   r"(truncated|shorter)"):
+        vp.load(toy_net(), tmp_path)
+
+
+def _as_written_by_an_older_visionpeft(folder, *, update_json: bool) -> None:
+    """Rewrite the weights without the tensors' digest in their metadata, as visionpeft 0.1.0 wrote them."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    weights = folder / files.WEIGHTS_NAME
+    with safe_open(str(weights), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != files.TENSORS_DIGEST_KEY}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open handles are not iterable)
+    blob = save(tensors, metadata=metadata)
+    weights.write_bytes(blob)
+    if update_json:
+        path = folder / files.CONFIG_NAME
+        payload = json.loads(path.read_text())
+        payload["weights"]["sha256"] = files.hashlib.sha256(blob).hexdigest()
+        path.write_text(json.dumps(payload))
+
+
+def test_old_weights_load_with_their_json_and_are_refused_without_it(tmp_path):
+    model = _adapted()
+    expected = model(toy_inputs())
+    vp.save(model, tmp_path / "whole")
+    _as_written_by_an_older_visionpeft(tmp_path / "whole", update_json=True)
+    assert torch.equal(vp.load(toy_net(), tmp_path / "whole")(toy_inputs()), expected)
+    # Beside a JSON that does not describe them, old weights cannot be told from damaged ones.
+    vp.save(model, tmp_path / "interrupted")
+    _as_written_by_an_older_visionpeft(tmp_path / "interrupted", update_json=False)
+    with pytest.raises(AdapterMismatchError, match=r"adapter\.safetensors does not match the checksum recorded in "
+                                                   r"adapter_config\.json, and it was written by an older visionpeft"):
+        vp.load(toy_net(), tmp_path / "interrupted")
+
+
+# --- file modes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_files_and_folders_get_the_modes_the_umask_gives(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        for mask, file_mode, folder_mode in [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]:
+            os.umask(mask)
+            root = tmp_path / oct(mask)
+            vp.save(_adapted(), root / "adapter")
+            files.atomic_write_text(root / "config.yaml", "a: 1\n")
+            files.replace_folder(root / "whole", lambda folder: files.atomic_write_text(folder / "f.txt", "x"))
+            for path, mode in [(root / "adapter", folder_mode), (root / "adapter" / files.WEIGHTS_NAME, file_mode),
+                               (root / "adapter" / files.CONFIG_NAME, file_mode), (root / "config.yaml", file_mode),
+                               (root / "whole", folder_mode), (root / "whole" / "f.txt", file_mode)]:
+                assert stat.S_IMODE(path.stat().st_mode) == mode, (oct(mask), path.relative_to(tmp_path))
+    finally:
+        os.umask(old)
 
 
 def test_read_image_names_the_bad_file_and_the_fix(tmp_path):

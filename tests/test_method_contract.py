@@ -120,7 +120,8 @@ def test_a_third_party_diffusion_method_takes_conditions_and_feeds_the_unet(thir
     tree = {
         "task": "diffusion", "model": {"name": str(pipeline)},
         "method": {"name": "throwaway_pooled_control", "in_channels": 1},
-        "data": {"root": str(root / "images"), "resolution": 32, "condition": "canny"},
+        "data": {"root": str(root / "images"), "resolution": 32, "condition": "canny", "eval_images": 1,
+                 "sampling": {"steps": 2}},
         "train": {"max_steps": 1, "batch_size": 2, "lr": 1e-2, "progress": False}, "output_dir": str(tmp_path / "o"),
     }
     run = load_run_config(_write(tmp_path, tree))

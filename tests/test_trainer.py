@@ -85,9 +85,12 @@ class NetTask(Task):
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         correct = total = 0
         for x, y in batches:
-            correct += (model(x).argmax(-1) == y).sum().item()
+            correct += int((model(x).argmax(-1) == y).sum())
             total += len(y)
-        return {"accuracy": correct / total}
+        return {"correct": correct, "samples": total}
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        return {"accuracy": totals["correct"] / max(totals["samples"], 1)}
 
 
 def config(**kwargs) -> TrainConfig:

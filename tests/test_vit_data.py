@@ -262,6 +262,35 @@ def test_image_folder(tmp_path):
         data.ImageFolderDataset(tmp_path / "a_cat" / "nested")
 
 
+def test_an_evaluation_image_folder_keeps_the_training_labels(tmp_path):
+    """A val folder lacking a class keeps the training labels; one with a class training lacks is refused."""
+    for name in ("ant", "bee", "cat"):
+        save_image(tmp_path / "train" / name / "0.png")
+    save_image(tmp_path / "val" / "ant" / "0.png")
+    save_image(tmp_path / "val" / "cat" / "0.png")
+    train = data.ImageFolderDataset(tmp_path / "train")
+    val = data.ImageFolderDataset(tmp_path / "val", classes=train.classes, classes_source=tmp_path / "train")
+    # Labelled on its own, val would call cat 1 (bee's label): accuracy on shifted labels.
+    assert val.classes == ["ant", "bee", "cat"] and [label for _, label in val.samples] == [0, 2]
+    save_image(tmp_path / "val" / "dog" / "0.png")
+    with pytest.raises(DataError, match=r"\['dog'\] of .*val are not classes of the training split .*train \(3"):
+        data.ImageFolderDataset(tmp_path / "val", classes=train.classes, classes_source=tmp_path / "train")
+
+
+def test_evaluation_labels_beyond_the_training_classes_name_file_and_line(tmp_path):
+    """Video lists and FGVC files of an evaluation split are bounded by the training split's classes."""
+    list_file = make_clips(tmp_path, frames_per_clip=(2, 2), labels=(0, 1))
+    (tmp_path / "val.txt").write_text("clips/clip0 0\n\nclips/clip1 2\n")
+    assert data.VideoFrames(tmp_path, list_file, num_classes=3).classes == ["0", "1", "2"]
+    with pytest.raises(DataError, match=r"val\.txt:3: label 2 is not a class of .*train\.txt, which has 2 classes"):
+        data.VideoFrames(tmp_path, tmp_path / "val.txt", num_classes=2, classes_source=str(list_file))
+    root = make_fgvc(tmp_path / "f", "", {"train": {"a.jpg": 7, "b.jpg": 3}, "train_10": {"c.jpg": 5}})
+    train = data.FGVC(root, "train")
+    assert [label for _, label in data.FGVC(root, "train", classes=train.classes).samples] == [1, 0]
+    with pytest.raises(DataError, match=r"train_10\.json:entry 'c\.jpg': class id 5 is not a class of the training"):
+        data.FGVC(root, "train_10", classes=train.classes)
+
+
 # -- video --
 
 

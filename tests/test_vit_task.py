@@ -270,7 +270,7 @@ def test_a_checkpoint_that_does_not_fit_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"unexpected \['blocks\.2\."):
         build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "deeper.pth", **TINY)
     (tmp_path / "notes.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="could not be read as a checkpoint"):
+    with pytest.raises(ConfigError, match=r"notes\.pth is damaged or not a torch file"):
         build_vit("vit_tiny_patch16_224", 3, checkpoint=tmp_path / "notes.pth", **TINY)
     with pytest.raises(ConfigError, match="not both"):
         build_vit("vit_tiny_patch16_224", 3, pretrained=True, checkpoint=tmp_path / "deeper.pth", **TINY)
@@ -320,3 +320,26 @@ def test_a_wrong_format_is_reported_before_the_keys_it_rules_out(tmp_path):
     del tree["data"]["format"]
     with pytest.raises(ConfigError, match=r"data\.format: missing; choose one of \['fgvc', 'imagefolder'"):
         parse_run_config(tree)
+
+
+def test_imagefolder_evaluation_keeps_the_training_labels_and_refuses_new_classes(tmp_path, capsys):
+    """The val split is labelled with the training split's classes; a class only val has stops the run first."""
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
+        for label, name in enumerate(classes):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            _stripes(label % 2, rng).save(tmp_path / "data" / split / name / "0.png")
+    tree = run_config(tmp_path / "data", tmp_path / "a", {"name": "linear"}, epochs=1)
+    tree["data"] = {"format": "imagefolder", "root": str(tmp_path / "data"), "image_size": 32}
+    task = parse_run_config(tree).make_task()
+    task.build_model()
+    assert task.eval_dataset().classes == ["ant", "bee", "cat"]
+    assert [label for _, label in task.eval_dataset().samples] == [0, 2]  # cat stays 2, not val's own 1
+    (tmp_path / "data" / "val" / "dog").mkdir()
+    _stripes(0, rng).save(tmp_path / "data" / "val" / "dog" / "0.png")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "['dog']" in err and str(tmp_path / "data" / "val") in err and str(tmp_path / "data" / "train") in err
+    assert not (tmp_path / "a" / "adapter").exists()

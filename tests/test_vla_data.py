@@ -278,6 +278,46 @@ def test_imagefolder_splits(tmp_path):
         data.imagefolder_splits(tmp_path, val=None)
 
 
+def test_imagefolder_splits_need_only_the_folders_the_run_uses(tmp_path):
+    for split in ("train", "val"):
+        for k, name in enumerate(["dog", "cat"]):
+            save_image(tmp_path / split / name / f"{split}.jpg", COLOURS[k])
+    splits = data.imagefolder_splits(tmp_path, evaluate="val")
+    assert splits.test == [] and [(Path(d.impath).parent.name, d.label) for d in splits.val] == [("cat", 0), ("dog", 1)]
+    with pytest.raises(DataError, match=r"no test folder .*test, the split the run evaluates on; .*\['train', 'val'\]"):
+        data.imagefolder_splits(tmp_path)
+    for name in ("dog", "cat"):
+        (tmp_path / "val" / name / "val.jpg").rename(tmp_path / "train" / name / "more.jpg")
+        (tmp_path / "val" / name).rmdir()
+    (tmp_path / "val").rmdir()
+    splits = data.imagefolder_splits(tmp_path, evaluate=None)
+    assert splits.val == splits.test == [] and len(splits.train) == 4
+    with pytest.raises(DataError, match=r"no val folder .*val, the split the run evaluates on"):
+        data.imagefolder_splits(tmp_path, evaluate="val")
+
+
+def test_class_names_clip_reads_as_one_are_refused_where_they_come_from(tmp_path):
+    """'_' reads as a space and CLIP's tokenizer lower-cases: such names would give identical prompts."""
+    write_split(tmp_path / "split.json", tmp_path / "imgs", ["cat", "apple_pie", "Apple  Pie"], counts=(1, 0, 0))
+    with pytest.raises(DataError, match=r"split\.json: label 1 'apple_pie' \(e\.g\. .*\) and label 2 'Apple  Pie' "
+                                        r"\(e\.g\. .*\) of the train split are one class name to CLIP"):
+        data.read_split_zhou(tmp_path / "split.json", tmp_path / "imgs")
+    for name in ("Cat", "cat", "dog"):
+        save_image(tmp_path / "folder" / "train" / name / "0.jpg")
+        save_image(tmp_path / "folder" / "test" / name / "0.jpg")
+    with pytest.raises(DataError, match=r"label 0 'Cat' \(e\.g\. .*train/Cat/0\.jpg\) and label 1 'cat'"):
+        data.imagefolder_splits(tmp_path / "folder")
+    folder = tmp_path / "imagenet"
+    wnids = {"n03773504": "missile", "n04008634": "Missile", "n04355933": "sunglass"}
+    for split in ("train", "val"):
+        for wnid in wnids:
+            save_image(folder / "images" / split / wnid / f"{wnid}_0.JPEG")
+    (folder / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in wnids.items()))
+    with pytest.raises(DataError, match=r"classnames\.txt: line 1 \(n03773504 'missile'\) and line 2 \(n04008634 "
+                                        r"'Missile'\) are one class name to CLIP"):
+        data.load_dataset("imagenet", tmp_path)
+
+
 # -- images, transforms --
 
 

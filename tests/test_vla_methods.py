@@ -270,6 +270,24 @@ def test_bad_inputs_give_clear_errors():
         vp.attach(resnet, "maple", classnames=NAMES)
 
 
+@pytest.mark.parametrize(("method", "kwargs"), [("coop", {}), ("cocoop", {}), ("maple", {"prompt_depth": 2}),
+                                               ("zeroshot", {})])
+def test_class_names_clip_reads_as_one_are_refused(method, kwargs):
+    """open_clip's tokenizer lower-cases and '_' is a space in prompts: equal prompts, equal logits, argmax first."""
+    tokenizer = clip_tokenizer()
+    assert torch.equal(tokenizer(["a photo of a Cat."]), tokenizer(["a photo of a cat."]))
+    with pytest.raises(ConfigError, match=rf"{method}\.classnames: 'Cat' \(class 0\) and 'cat' \(class 2\) are one "
+                                          "class name to CLIP"):
+        vp.attach(tiny_clip(0), method, classnames=["Cat", "dog", "cat"], **kwargs)
+    model = vp.attach(tiny_clip(0), method, classnames=NAMES, **kwargs)
+    with pytest.raises(ConfigError, match=r"'sea_lion' \(class 0\) and 'sea  lion' \(class 1\)"):
+        model.set_classnames(["sea_lion", "sea  lion"])
+    assert model.classnames == NAMES
+    # Different texts that the tokenizer truncates to one prompt (77 tokens).
+    with pytest.raises(ConfigError, match="give the same prompt tokens"):
+        vp.attach(tiny_clip(0), method, classnames=["x " * 80 + "a", "x " * 80 + "b"], **kwargs)
+
+
 def test_zero_shot_ensembles_average_normalised_template_features():
     clip = tiny_clip(0).eval()
     templates = ["a photo of a {}.", "a drawing of a {}."]

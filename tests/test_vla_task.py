@@ -260,3 +260,23 @@ def test_the_task_offers_the_tokenizer_but_keeps_an_explicit_null(tmp_path, euro
     for overrides, expected in (([], tiny_arch), (["method.tokenizer=null"], None)):
         model = load_run_config(path, overrides).make_task().build_model()
         assert get_state(model).adapters["default"].method.config.tokenizer == expected
+
+
+def test_imagefolder_needs_only_the_split_the_run_evaluates_on(tmp_path, tiny_arch):
+    from visionpeft.errors import DataError
+    from visionpeft.task import get_task
+
+    for split in ("train", "val"):
+        for k, name in enumerate(["dog", "cat"]):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (80 * k, 0, 0)).save(tmp_path / "data" / split / name / "0.png")
+    path = _config(tmp_path, tmp_path / "data", tiny_arch, {"name": "coop"})
+    overrides = ["data.format=imagefolder", "data.dataset=null", "data.shots=1"]
+    splits = get_task("vla")(load_run_config(path, [*overrides, "data.eval_split=val"])).splits()["train"]
+    assert splits.classnames == ["cat", "dog"] and len(splits.val) == 2 and splits.test == []
+    with pytest.raises(DataError, match=r"no test folder .*data/test, the split the run evaluates on"):
+        get_task("vla")(load_run_config(path, overrides)).splits()
+    (tmp_path / "data" / "train" / "Dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "train" / "Dog" / "0.png")
+    with pytest.raises(DataError, match=r"label 0 'Dog' \(e\.g\. .*train/Dog/0\.png\) and label 2 'dog'"):
+        get_task("vla")(load_run_config(path, [*overrides, "data.eval_split=val"])).splits()

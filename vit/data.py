@@ -24,7 +24,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +181,13 @@ def parse_label(value: str | int, source: str | os.PathLike, line: int | str) ->
     return label
 
 
-def read_list_file(path: str | os.PathLike) -> list[tuple[str, int]]:
+def read_list_file(path: str | os.PathLike, num_classes: int | None = None,
+                   classes_source: str = "the training split") -> list[tuple[str, int]]:
     """The ``(path, label)`` entries of a ``path label`` list file; blank lines are ignored.
 
-    The label is the last field, so paths containing spaces are read whole.
+    The label is the last field, so paths containing spaces are read whole. With ``num_classes`` (the
+    training split's, for an evaluation split) a label ``>= num_classes`` raises naming the line and
+    ``classes_source``: the head has no output for it.
     """
     path = Path(path)
     if not path.is_file():
@@ -197,7 +200,12 @@ def read_list_file(path: str | os.PathLike) -> list[tuple[str, int]]:
         fields = line.rsplit(maxsplit=1)
         if len(fields) != 2:
             raise DataError(f"{path}:{lineno}: expected '<path> <label>', got {raw!r}")
-        entries.append((fields[0], parse_label(fields[1], path, lineno)))
+        label = parse_label(fields[1], path, lineno)
+        if num_classes is not None and label >= num_classes:
+            raise DataError(f"{path}:{lineno}: label {label} is not a class of {classes_source}, which has "
+                            f"{num_classes} classes (labels 0..{num_classes - 1}); a class the model never trains "
+                            "on cannot be evaluated")
+        entries.append((fields[0], label))
     return entries
 
 
@@ -272,12 +280,15 @@ class FGVC(_ImageList):
 
     Class ids are remapped to ``0..K-1`` by sorting the unique ids of every split file present
     (``train``, ``val``, ``test`` and the one asked for), so the splits agree; ``.classes`` holds the
-    original ids as strings. ``dataset`` picks the image root (``images/`` for CUB and NABirds,
-    ``Images/`` for Stanford Dogs, the root itself for Flowers and Cars, and for ``None``).
+    original ids as strings. ``classes`` (the training split's ``.classes``, for an evaluation split)
+    fixes the map instead: an id outside it raises naming the file and entry. ``dataset`` picks the
+    image root (``images/`` for CUB and NABirds, ``Images/`` for Stanford Dogs, the root itself for
+    Flowers and Cars, and for ``None``).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, dataset: str | None = None,
-                 transform: Callable | None = None, skip_bad: bool = False, skip_hint: str = SKIP_HINT) -> None:
+                 transform: Callable | None = None, skip_bad: bool = False, skip_hint: str = SKIP_HINT,
+                 classes: Sequence[str] | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"FGVC folder {root} does not exist")
@@ -294,11 +305,18 @@ class FGVC(_ImageList):
             raise DataError(f"image folder {image_root} of {self.dataset} does not exist")
         files = {name: self._read_json(root / f"{name}.json") for name in {"train", "val", "test", split}
                  if name in available}
-        class_ids = sorted({label for entries in files.values() for _, label in entries})
+        if classes is None:
+            class_ids = [str(c) for c in sorted({label for entries in files.values() for _, label in entries})]
+        else:
+            class_ids = list(classes)
         index = {class_id: i for i, class_id in enumerate(class_ids)}
-        samples = [(str(image_root / path), index[label]) for path, label in files[split]]
-        super().__init__(samples, [str(c) for c in class_ids], transform, skip_bad, root / f"{split}.json",
-                         skip_hint)
+        for path, label in files[split]:
+            if str(label) not in index:
+                raise DataError(f"{root / (split + '.json')}:entry {path!r}: class id {label} is not a class of the "
+                                f"training split ({len(class_ids)} classes); a class the model never trains on "
+                                "cannot be evaluated")
+        samples = [(str(image_root / path), index[str(label)]) for path, label in files[split]]
+        super().__init__(samples, class_ids, transform, skip_bad, root / f"{split}.json", skip_hint)
 
     @staticmethod
     def _read_json(path: Path) -> list[tuple[str, int]]:
@@ -316,18 +334,35 @@ class ImageFolderDataset(_ImageList):
     """Images in ``root/<class>/...`` (searched recursively), classes in sorted folder order.
 
     Files with the extensions in :data:`IMAGE_EXTENSIONS` (any case) are read; hidden files are not.
+    An evaluation split passes the training split's ``classes`` (and, for the message, the folder they
+    come from, ``classes_source``): labels are then those of the training split, a class folder it
+    lacks is refused (the head has no output for it) and a missing one is fine.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, skip_bad: bool = False,
-                 skip_hint: str = SKIP_HINT) -> None:
+                 skip_hint: str = SKIP_HINT, classes: Sequence[str] | None = None,
+                 classes_source: str | os.PathLike = "the training split") -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not present:
             raise DataError(f"image folder {root} has no class subfolders; expected root/<class>/<image>")
+        if classes is None:
+            classes = present
+        else:
+            classes = list(classes)
+            unknown = [name for name in present if name not in classes]
+            if unknown:
+                raise DataError(
+                    f"class folder(s) {unknown[:10]} of {root} are not classes of the training split "
+                    f"{classes_source} ({len(classes)} classes); the model cannot learn a class it never sees: "
+                    "add it to the training split or remove it here"
+                )
         samples = []
         for label, name in enumerate(classes):
+            if not (root / name).is_dir():
+                continue
             for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
                 dirnames.sort()
                 for filename in sorted(filenames):
@@ -403,11 +438,15 @@ class VideoFrames(Dataset):
     and do not depend on the data-loader workers. The transform is applied frame by frame with the
     global RNGs (torch, Python, NumPy) re-seeded to one per-clip value before each frame, so a random crop
     or flip is the same for every frame of a clip, as temporal models need.
+
+    ``.classes`` are one more than the largest label, or ``num_classes`` (the training split's, for an
+    evaluation split), beyond which a label raises naming its line (:func:`read_list_file`).
     """
 
     def __init__(self, root: str | os.PathLike, list_file: str | os.PathLike, num_frames: int = 8,
                  sampling: str = "uniform", stride: int = 4, transform: Callable | None = None,
-                 train: bool = False, seed: int = 0, skip_bad: bool = False, skip_hint: str = SKIP_HINT) -> None:
+                 train: bool = False, seed: int = 0, skip_bad: bool = False, skip_hint: str = SKIP_HINT,
+                 num_classes: int | None = None, classes_source: str = "the training split") -> None:
         if num_frames < 1:
             raise ConfigError(f"num_frames: {num_frames} must be >= 1")
         if sampling not in SAMPLINGS:
@@ -420,8 +459,10 @@ class VideoFrames(Dataset):
         list_path = Path(list_file)
         if not list_path.is_file() and not list_path.is_absolute():
             list_path = self.root / list_path
-        entries = read_list_file(list_path)
-        self.classes = [str(i) for i in range(1 + max((label for _, label in entries), default=-1))]
+        entries = read_list_file(list_path, num_classes, classes_source)
+        if num_classes is None:
+            num_classes = 1 + max((label for _, label in entries), default=-1)
+        self.classes = [str(i) for i in range(num_classes)]
         self.num_frames, self.sampling, self.stride = num_frames, sampling, stride
         self.transform, self.train, self.seed, self.epoch = transform, train, seed, 0
         self.skip_hint = skip_hint

@@ -178,7 +178,10 @@ class DigitsTask(Task):
         for images, labels in batches:
             correct += int((model(images).argmax(-1) == labels).sum())
             total += labels.numel()
-        return {"top1": correct / max(total, 1), "samples": total}
+        return {"correct": correct, "samples": total}
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        return {"top1": totals["correct"] / max(totals["samples"], 1), "samples": totals["samples"]}
 
 
 def random_shift(images: torch.Tensor, shift: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionpeft import tensorfiles
 from visionpeft.errors import ConfigError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
@@ -40,15 +41,19 @@ def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict[str, Any
         ) from err
 
 
+_CHECKPOINT_FIX = "give a complete checkpoint file (download or copy it again)"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local checkpoint; a damaged file or a pickle ``weights_only`` refuses raises ConfigError."""
+    what = {"error": ConfigError, "fix": _CHECKPOINT_FIX, "key": "model.checkpoint"}
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any reader failure means the same thing to the user
-        raise ConfigError(f"model.checkpoint: {path} could not be read as a checkpoint ({err})") from err
+            state = tensorfiles.read_safetensors(path, **what)
+        else:
+            state = tensorfiles.read_torch(path, weights=True, **what)
+    except OSError as err:
+        raise ConfigError(f"model.checkpoint: {path} could not be read ({err.strerror or err})") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

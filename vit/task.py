@@ -8,7 +8,8 @@ below; the shared trainer does the rest. Data options by format:
 * ``fgvc``: ``root`` holds ``train.json`` / ``val.json`` / ``test.json``; ``dataset`` picks the
   image root (CUB, NABirds, StanfordDogs, OxfordFlowers, StanfordCars); resize 256 → random crop
   224 + flip for training, center crop for evaluation.
-* ``imagefolder``: ``root/<split>/<class>/<image>``.
+* ``imagefolder``: ``root/<split>/<class>/<image>``, every split labelled by the training split's
+  class folders (a class only an evaluation split has is an error).
 * ``video``: ``root`` holds the frame folders, the splits are ``path label`` list files;
   ``num_frames``, ``sampling`` (``uniform`` or ``stride``), ``stride``.
 
@@ -129,7 +130,8 @@ class VitTask(Task):
         """The data set of ``split``, read (and its images checked) once; its transform is set later.
 
         Reading the class list needs no transform, so the head can be sized before the model is
-        built, from the very data set that then trains.
+        built, from the very data set that then trains. Any other split is labelled with the
+        training split's classes, so that its labels mean what the head learned.
         """
         from visionpeft.vit import data
 
@@ -139,18 +141,26 @@ class VitTask(Task):
         root, options = Path(self.data.root), self.data
         checked = {"skip_bad": options.skip_bad, "skip_hint": SKIP_HINT}
         fmt = options.format
+        classes = None
+        # Every split of a VTAB-1k folder has the same classes already (VTAB1k reads all its split files).
+        if fmt != "vtab" and key != (options.split_train, True):
+            classes = self._split(options.split_train, train=True).classes
         if fmt == "vtab":
             if options.vtab_task is not None:
                 root = data.vtab_task_dir(root, options.vtab_task)
             dataset = data.VTAB1k(root, split, **checked)
         elif fmt == "fgvc":
-            dataset = data.FGVC(root, split, dataset=options.dataset, **checked)
+            dataset = data.FGVC(root, split, dataset=options.dataset, classes=classes, **checked)
         elif fmt == "imagefolder":
-            dataset = data.ImageFolderDataset(root / split, **checked)
+            dataset = data.ImageFolderDataset(root / split, classes=classes, classes_source=root / options.split_train,
+                                              **checked)
         else:
             dataset = data.VideoFrames(root, root / split, num_frames=options.num_frames, sampling=options.sampling,
-                                       stride=options.stride, train=train, seed=self.run.train.seed, **checked)
-        self._check_labels(dataset)
+                                       stride=options.stride, train=train, seed=self.run.train.seed,
+                                       # data.num_classes, when given, bounds the labels instead (_check_labels).
+                                       num_classes=None if classes is None or options.num_classes else len(classes),
+                                       classes_source=str(root / options.split_train), **checked)
+        self._check_labels(dataset, split)
         self._datasets[key] = dataset
         return dataset
 
@@ -170,6 +180,10 @@ class VitTask(Task):
         if split in ("", "none"):
             return None
         return self._dataset(split, train=False)
+
+    def no_evaluation(self) -> str:
+        return (f"data.eval_split: {self.data.eval_split!r} turns evaluation off; set it to a split of the data "
+                f"(the {self.data.format} format's default is {FORMATS[self.data.format]['eval_split']!r})")
 
     def num_classes(self) -> int:
         """The head's size: ``data.num_classes`` or the number of classes of the training split."""
@@ -214,14 +228,14 @@ class VitTask(Task):
             )
         return size
 
-    def _check_labels(self, dataset: Dataset) -> None:
+    def _check_labels(self, dataset: Dataset, split: str) -> None:
         limit = self.data.num_classes
         if limit is None:
             return
         labels = [label for _, label in getattr(dataset, "samples", [])]
         if labels and max(labels) >= limit:
             raise ConfigError(
-                f"data.num_classes: {limit} is too small for label {max(labels)} in the data; "
+                f"data.num_classes: {limit} is too small for label {max(labels)} of split {split!r}; "
                 "remove it to size the head from the data"
             )
 
@@ -232,14 +246,21 @@ class VitTask(Task):
         return F.cross_entropy(model(images), labels)
 
     def evaluate(self, model: nn.Module, batches: Any) -> dict[str, float]:
+        """Correct predictions, samples and the summed cross-entropy over this process's batches."""
         correct = total = 0
         loss = 0.0
         for images, labels in batches:
             logits = model(images).float()
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
+            correct += int((logits.argmax(-1) == labels).sum())
             total += labels.numel()
-        return {"top1": correct / max(total, 1), "loss": loss / max(total, 1), "samples": total}
+        return {"correct": correct, "samples": total, "loss_sum": loss}
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, Any]:
+        """Top-1 accuracy, the mean loss per sample and the number of samples of the whole evaluation set."""
+        total = int(totals.get("samples", 0))
+        return {"top1": totals.get("correct", 0) / max(total, 1), "loss": totals.get("loss_sum", 0.0) / max(total, 1),
+                "samples": total}
 
     def export(self, model: nn.Module, output_dir: str | os.PathLike) -> None:
         """Write ``results.json``: top-1 at the last evaluation and at the best one, labelled."""

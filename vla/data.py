@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from visionpeft.errors import DataError
+from visionpeft.errors import ConfigError, DataError
 from visionpeft.images import IMAGE_EXTENSIONS, SKIP_HINT, check_images, read_image
 
 logger = logging.getLogger("visionpeft")
@@ -186,6 +186,27 @@ def prompt_classname(name: str) -> str:
     return name.replace("_", " ")
 
 
+#: why two class names are refused as one, for the messages
+SAME_TO_CLIP = "one class name to CLIP (its tokenizer reads '_' as a space and ignores case)"
+
+
+def classname_key(name: str) -> str:
+    """A class name as CLIP's tokenizer reads it in a prompt: ``_`` as a space, runs of white space as one, lower
+    case (open_clip's default cleaning). Two names with one key give identical prompts, so identical logits."""
+    return " ".join(prompt_classname(name).split()).lower()
+
+
+def duplicate_classnames(names: Sequence[str]) -> list[list[int]]:
+    """The groups (two or more indices, in order) of ``names`` that share a :func:`classname_key`.
+
+    CLIP cannot tell such classes apart: their text features are equal and argmax always picks the first.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        groups.setdefault(classname_key(name), []).append(index)
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def pets_classname(image_name: str) -> str:
     """Oxford Pets' breed from an image name: all before the last ``_``, lower-cased (``Abyssinian_100.jpg``)."""
     stem = os.path.splitext(os.path.basename(image_name))[0]
@@ -238,8 +259,10 @@ def classnames_of(items: Sequence[Datum], split: str = "train") -> list[str]:
     if not items:
         raise DataError(f"the {split} split is empty: no classes to learn; check the split file or folder")
     names: dict[int, str] = {}
+    examples: dict[int, str] = {}
     for item in items:
         known = names.setdefault(item.label, item.classname)
+        examples.setdefault(item.label, item.impath)
         if known != item.classname:
             raise DataError(f"label {item.label} is named both {known!r} and {item.classname!r} in the {split} "
                             f"split (e.g. {item.impath}); each label needs one class name")
@@ -249,7 +272,14 @@ def classnames_of(items: Sequence[Datum], split: str = "train") -> list[str]:
         detail = f"negative label {labels[0]}" if labels[0] < 0 else f"labels {missing[:10]} have no image"
         raise DataError(f"the {split} split's labels are not 0..{labels[-1]}: {detail}; every class needs "
                         "training images, with labels counted from 0")
-    return [names[label] for label in labels]
+    classnames = [names[label] for label in labels]
+    duplicates = duplicate_classnames(classnames)
+    if duplicates:
+        shown = " and ".join(f"label {i} {classnames[i]!r} (e.g. {examples[i]})" for i in duplicates[0])
+        more = f" ({len(duplicates) - 1} more such group(s))" if len(duplicates) > 1 else ""
+        raise DataError(f"{shown} of the {split} split are {SAME_TO_CLIP}{more}: their prompts are identical, so "
+                        "the classifier always picks the first; give each class a distinct name")
+    return classnames
 
 
 def make_splits(train: list[Datum], val: list[Datum], test: list[Datum], val_is_test: bool = False) -> Splits:
@@ -340,11 +370,13 @@ def _class_folders(root: Path) -> list[str]:
 
 
 def read_imagefolder(root: str | os.PathLike, dataset: str | None = None,
-                     classes: Sequence[str] | None = None) -> tuple[list[Datum], list[str]]:
+                     classes: Sequence[str] | None = None,
+                     classes_source: str | os.PathLike = "the training split") -> tuple[list[Datum], list[str]]:
     """The images of ``root/<class>/<image>`` (subfolders searched too) and the class names by label.
 
     Classes are the sorted class folders, or ``classes`` (folder names) when given, so that the val and test
-    folders of a split share the training labels. ``dataset`` applies CoOp's class-name rules of that data
+    folders of a split share the training labels; a folder outside ``classes`` raises naming it and
+    ``classes_source`` (where they come from). ``dataset`` applies CoOp's class-name rules of that data
     set to the folder names (:func:`folder_classname`).
     """
     root = Path(root)
@@ -359,8 +391,8 @@ def read_imagefolder(root: str | os.PathLike, dataset: str | None = None,
         folders = list(classes)
         unknown = sorted(set(present) - set(folders) - {f for f in present if folder_classname(dataset, f) is None})
         if unknown:
-            raise DataError(f"class folders {unknown[:10]} of {root} are not among the training classes; every "
-                            "split must use the training split's class folders")
+            raise DataError(f"class folders {unknown[:10]} of {root} are not among the training classes (the class "
+                            f"folders of {classes_source}); every split must use the training split's class folders")
     names = [folder_classname(dataset, f) or f for f in folders]
     items = []
     for label, (folder, name) in enumerate(zip(folders, names, strict=True)):
@@ -376,26 +408,38 @@ def read_imagefolder(root: str | os.PathLike, dataset: str | None = None,
 
 
 def imagefolder_splits(root: str | os.PathLike, train: str = "train", val: str | None = "val", test: str = "test",
-                       dataset: str | None = None) -> Splits:
+                       dataset: str | None = None, evaluate: str | None = "test") -> Splits:
     """The splits of ``root/{train,val,test}/<class>/<image>``, labelled by the training split's class folders.
 
-    Without a val folder (or with ``val=None``) the test split doubles as validation, as ImageNet in CoOp.
+    Only the folders a run uses must exist: the training folder and the one of the split it evaluates on,
+    ``evaluate`` (``"test"``, ``"val"``, or ``None`` for none); a missing one raises naming it. The others
+    are read when present. Without a val folder (or with ``val=None``) the test split doubles as validation,
+    as ImageNet in CoOp; without a test folder the test split is empty.
     """
+    if evaluate not in ("test", "val", None):
+        raise ConfigError(f"evaluate: {evaluate!r}; choose 'test', 'val' or None")
     root = Path(root)
+    layout = f"{root}/{{train,val,test}}/<class>/<image>"
     if not (root / train).is_dir():
         present = _class_folders(root) if root.is_dir() else []
         where = f"folders present: {present}" if root.is_dir() else "that folder does not exist"
-        raise DataError(f"no training folder {root / train}; expected {root}/{{train,val,test}}/<class>/<image> "
-                        f"({where})")
+        raise DataError(f"no training folder {root / train}; expected {layout} ({where})")
     train_items, _ = read_imagefolder(root / train, dataset)
     folders = [f for f in _class_folders(root / train) if folder_classname(dataset, f) is not None]
-    if not (root / test).is_dir():
-        raise DataError(f"no test folder {root / test}; expected {root}/{{train,val,test}}/<class>/<image>")
-    test_items, _ = read_imagefolder(root / test, dataset, classes=folders)
-    if val is not None and (root / val).is_dir():
-        val_items, _ = read_imagefolder(root / val, dataset, classes=folders)
-        return make_splits(train_items, val_items, test_items)
-    return make_splits(train_items, test_items, test_items, val_is_test=True)
+
+    def read(split: str, name: str | None) -> list[Datum] | None:
+        if name is None or not (root / name).is_dir():
+            if split == evaluate:
+                raise DataError(f"no {split} folder {root / (name or split)}, the split the run evaluates on; "
+                                f"expected {layout} (folders present: {_class_folders(root)})")
+            return None
+        return read_imagefolder(root / name, dataset, classes=folders, classes_source=root / train)[0]
+
+    test_items = read("test", test) or []
+    val_items = read("val", val)
+    if val_items is None:
+        return make_splits(train_items, test_items, test_items, val_is_test=True)
+    return make_splits(train_items, val_items, test_items)
 
 
 def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False,
@@ -411,6 +455,7 @@ def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False,
         raise DataError(f"ImageNet class names {text_file} not found; CoOp's DATASETS.md links classnames.txt "
                         f"({COOP_DATASETS_MD}); lines are '<wnid> <class name>'")
     classnames: dict[str, str] = {}
+    lines: dict[str, int] = {}
     for lineno, line in enumerate(text_file.read_text().splitlines(), start=1):
         words = line.strip().split(" ")
         if not words[0]:
@@ -418,6 +463,7 @@ def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False,
         if len(words) < 2:
             raise DataError(f"{text_file}:{lineno}: expected '<wnid> <class name>', got {line!r}")
         classnames[words[0]] = " ".join(words[1:])
+        lines[words[0]] = lineno
     parts: dict[str, list[Datum]] = {}
     folders: list[str] = []
     for split in ("train", "val"):
@@ -431,6 +477,13 @@ def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False,
         unnamed = [f for f in present if f not in classnames]
         if unnamed:
             raise DataError(f"class folder(s) {unnamed[:5]} of {split_dir} are not in {text_file}")
+        if split == "train":
+            duplicates = duplicate_classnames([classnames[f] for f in folders])
+            if duplicates:
+                shown = " and ".join(f"line {lines[folders[i]]} ({folders[i]} {classnames[folders[i]]!r})"
+                                     for i in duplicates[0])
+                raise DataError(f"{text_file}: {shown} are {SAME_TO_CLIP}: their prompts are identical, so the "
+                                "classifier always picks the first; rename one of them in that file")
         stray = sorted(set(present) - set(folders))
         if stray:
             raise DataError(f"class folder(s) {stray[:5]} of {split_dir} have no training folder")

@@ -3,10 +3,12 @@
 ``model.name`` is an open_clip architecture (``ViT-B-16``, ``ViT-B-16-quickgelu``, ``RN50``, or a
 ``local-dir:`` folder with ``open_clip_config.json``). Weights come from ``model.pretrained`` (a tag
 such as ``openai`` or ``laion2b_s34b_b88k``, downloaded by open_clip when online) or
-``model.checkpoint`` (a local ``.safetensors`` / ``.pt`` / ``.bin`` file, or an OpenAI JIT
-archive), which open_clip loads strictly. ``model.kwargs`` go to ``open_clip.create_model``:
-``precision`` (``fp32``; ``fp16`` / ``bf16`` are OpenAI-style low-precision weights with fp32
-LayerNorms, what the papers trained with), ``force_quick_gelu``, ``force_image_size``, ...
+``model.checkpoint`` (a local ``.safetensors`` file or a weights-only ``.pt`` / ``.bin`` file),
+which open_clip loads strictly; a pickled checkpoint or an OpenAI TorchScript archive is refused
+(``torch.load(weights_only=True)``) with the command that converts it. ``model.kwargs`` go to
+``open_clip.create_model``: ``precision`` (``fp32``; ``fp16`` / ``bf16`` are OpenAI-style
+low-precision weights with fp32 LayerNorms, what the papers trained with), ``force_quick_gelu``,
+``force_image_size``, ...
 
 The OpenAI weights were trained with QuickGELU; open_clip's plain ``ViT-B-16`` config uses
 nn.GELU and only warns in its log. :func:`check_activation` turns that into a visionpeft
@@ -22,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from visionpeft import tensorfiles
 from visionpeft.errors import ConfigError
 
 logger = logging.getLogger("visionpeft")
@@ -59,6 +62,30 @@ def check_activation(name: str, pretrained: str | None, kwargs: dict[str, Any]) 
             "drop -quickgelu from model.name or force_quick_gelu from model.kwargs")
 
 
+def _load_error(err: Exception, name: str, pretrained: str | None, checkpoint: str | None) -> ConfigError | None:
+    """The error to raise for what ``open_clip.create_model`` raised, naming the key to fix; ``None``: re-raise it."""
+    if isinstance(err, TypeError):
+        return ConfigError(f"model.kwargs: {err}; use open_clip.create_model's keyword arguments")
+    if checkpoint is not None:
+        problem = tensorfiles.reader_problem(err)
+        if problem is not None:
+            fix = tensorfiles.conversion_hint(checkpoint, err) or "give a complete checkpoint file (copy it again)"
+            return ConfigError(f"model.checkpoint: {checkpoint} {problem}; {fix}")
+        if isinstance(err, OSError):
+            return ConfigError(f"model.checkpoint: {checkpoint} could not be read ({err.strerror or err})")
+        # The architecture was checked above, so what else fails is the file not fitting it.
+        return ConfigError(f"model.checkpoint: {checkpoint} could not be loaded into {name} "
+                           f"({type(err).__name__}: {err})")
+    if isinstance(err, RuntimeError):
+        return ConfigError(f"model.pretrained: {err}")
+    if isinstance(err, OSError):
+        return ConfigError(
+            f"model.pretrained: the {pretrained!r} weights of {name!r} could not be fetched ({type(err).__name__}: "
+            f"{err}). Offline, download them once and pass model.checkpoint"
+        )
+    return None
+
+
 def load_clip(
     name: str, pretrained: str | bool | None = None, checkpoint: str | None = None, **kwargs: Any
 ) -> nn.Module:
@@ -87,14 +114,9 @@ def load_clip(
         logger.warning(message)
     try:
         model = open_clip.create_model(name, pretrained=checkpoint or pretrained, **kwargs)
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs: {err}; use open_clip.create_model's keyword arguments") from err
-    except RuntimeError as err:
-        key = "model.checkpoint" if checkpoint else "model.pretrained"
-        raise ConfigError(f"{key}: {err}") from err
-    except OSError as err:
-        raise ConfigError(
-            f"model.pretrained: the {pretrained!r} weights of {name!r} could not be fetched ({type(err).__name__}: "
-            f"{err}). Offline, download them once and pass model.checkpoint"
-        ) from err
+    except Exception as err:
+        translated = _load_error(err, name, pretrained, checkpoint)
+        if translated is None:
+            raise
+        raise translated from err
     return model.eval()

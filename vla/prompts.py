@@ -26,6 +26,7 @@ from torch import nn
 
 from visionpeft.errors import ConfigError, UnsupportedModelError
 from visionpeft.method import Method, RunInfo
+from visionpeft.vla.data import SAME_TO_CLIP, duplicate_classnames, prompt_classname
 from visionpeft.vla.text import TextTower, count_tokens, get_tokenizer, text_tower
 
 logger = logging.getLogger("visionpeft")
@@ -33,13 +34,9 @@ logger = logging.getLogger("visionpeft")
 SUPPORTED = "open_clip.CLIP / open_clip.CustomTextCLIP (open_clip's own text transformer)"
 
 
-def prompt_classname(name: str) -> str:
-    """A class name as the prompts spell it: underscores become spaces (CoOp's rule)."""
-    return name.replace("_", " ")
-
-
 def check_classnames(classnames: Sequence[str], method: str) -> list[str]:
-    """The class names as a list; an empty list or a non-string name is a :class:`ConfigError`."""
+    """The class names as a list; an empty list, a non-string name or two names that CLIP reads as one
+    (:func:`~visionpeft.vla.data.duplicate_classnames`: their logits would be equal) is a :class:`ConfigError`."""
     names = list(classnames)
     if not names:
         raise ConfigError(
@@ -49,7 +46,26 @@ def check_classnames(classnames: Sequence[str], method: str) -> list[str]:
     bad = [n for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
         raise ConfigError(f"{method}.classnames: every class name must be a non-empty string, got {bad[:3]}")
+    duplicates = duplicate_classnames(names)
+    if duplicates:
+        shown = " and ".join(f"{names[i]!r} (class {i})" for i in duplicates[0])
+        more = f" ({len(duplicates) - 1} more such group(s))" if len(duplicates) > 1 else ""
+        raise ConfigError(f"{method}.classnames: {shown} are {SAME_TO_CLIP}{more}: their prompts are identical, so "
+                          "the classifier always picks the first; give each class a distinct name")
     return names
+
+
+def check_distinct_prompts(tokens: torch.Tensor, classnames: Sequence[str]) -> None:
+    """Refuse two classes whose prompts tokenize alike (a tokenizer that drops punctuation, truncation): their
+    text features would be equal. Rows of ``tokens`` are the classes' prompts."""
+    seen: dict[tuple[int, ...], int] = {}
+    for index, row in enumerate(tokens.tolist()):
+        first = seen.setdefault(tuple(row), index)
+        if first != index:
+            raise ConfigError(
+                f"classnames: {classnames[first]!r} (class {first}) and {classnames[index]!r} (class {index}) give "
+                "the same prompt tokens: the classifier could never tell them apart; give each class a distinct name"
+            )
 
 
 @dataclass
@@ -69,7 +85,9 @@ def build_class_prompts(
     names = [prompt_classname(n) for n in classnames]
     texts = [f"{prefix_text} {name}." for name in names]
     device = tower.token_embedding.weight.device
-    tokens = tokenizer(texts).to(device)
+    tokens = tokenizer(texts)
+    check_distinct_prompts(tokens, classnames)
+    tokens = tokens.to(device)
     sot = getattr(tokenizer, "sot_token_id", None)
     if sot is None or bool((tokens[:, 0] != sot).any()) or tower.pool_type not in ("argmax", "eos"):
         raise UnsupportedModelError(

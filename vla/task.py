@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import visionpeft as vp
 from visionpeft.config import declares, field, offer
@@ -180,7 +180,8 @@ class VlaTask(Task):
         if self.data.format == "coop":
             full = data.load_dataset(self.dataset_name, root, check_files=not self.data.skip_bad, skip_hint=SKIP_HINT)
         else:
-            full = data.imagefolder_splits(root, dataset=self.dataset_name)
+            evaluate = None if self.data.eval_split == "none" else self.data.eval_split or "test"
+            full = data.imagefolder_splits(root, dataset=self.dataset_name, evaluate=evaluate)
         # A method that trains nothing (the zero-shot baseline) draws no few-shot set.
         shots = self.shots if get_method(self.run.method.method).trains else -1
         sampled = fewshot.fewshot_splits(
@@ -261,48 +262,56 @@ class VlaTask(Task):
         return F.cross_entropy(model(images), labels)
 
     @staticmethod
-    def _accuracy(model: nn.Module, batches: Any) -> tuple[float, int]:
+    def _counts(model: nn.Module, batches: Any) -> tuple[int, int]:
         correct = total = 0
         for images, labels in batches:
             logits = model(images)
             correct += int((logits.argmax(-1) == labels).sum())
             total += labels.numel()
-        return 100.0 * correct / max(total, 1), total
+        return correct, total
 
     def evaluate(self, model: nn.Module, batches: Any) -> dict[str, float]:
-        accuracy, total = self._accuracy(model, batches)
+        """Correct predictions and samples over this process's batches (and of the novel classes' for base-to-novel)."""
+        correct, total = self._counts(model, batches)
+        totals = {"correct": correct, "samples": total}
+        if self.setting == "base2novel":
+            totals["novel_correct"], totals["novel_samples"] = self._novel_counts(model)
+        return totals
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, Any]:
+        """Accuracy in percent; for base-to-novel also ``base``, ``novel`` and their harmonic mean ``hm``."""
+        total = int(totals.get("samples", 0))
+        accuracy = 100.0 * totals.get("correct", 0) / max(total, 1)
         metrics: dict[str, Any] = {"accuracy": accuracy, "samples": total}
         if self.setting == "base2novel":
-            metrics["base"] = accuracy
-            metrics["novel"], metrics["novel_samples"] = self._novel_accuracy(model)
             from visionpeft.vla.summary import harmonic_mean
 
+            novel = int(totals.get("novel_samples", 0))
+            metrics["base"] = accuracy
+            metrics["novel"] = 100.0 * totals.get("novel_correct", 0) / max(novel, 1)
+            metrics["novel_samples"] = novel
             metrics["hm"] = harmonic_mean(metrics["base"], metrics["novel"])
-        self._write_results(metrics)
         return metrics
 
-    def _novel_accuracy(self, model: nn.Module) -> tuple[float, int]:
-        """Accuracy on the novel classes' test images, classifying among the novel class names only."""
-        from accelerate.utils import send_to_device
+    def write_evaluation(self, model: nn.Module, metrics: dict[str, Any]) -> None:
+        """``results.json``: the record of this evaluation that ``python -m visionpeft.vla.summary`` reads."""
+        self._write_results(metrics)
 
+    def no_evaluation(self) -> str:
+        return "data.eval_split: none turns evaluation off; set data.eval_split: test (or val)"
+
+    def _novel_counts(self, model: nn.Module) -> tuple[int, int]:
+        """This process's share of the novel classes' test images, classified among the novel class names only."""
         novel = self.splits()["novel"]
         dataset = self._dataset("novel", self._eval_items(novel), train=False)
-        device = next(model.parameters()).device
-        train = self.run.train
-        loader = DataLoader(dataset, batch_size=train.eval_batch_size or train.batch_size, shuffle=False,
-                            num_workers=train.num_workers)
         base_names = model.classnames
         model.set_classnames(novel.classnames)
         try:
-            return self._accuracy(model, (send_to_device(b, device) for b in loader))
+            return self._counts(model, self.eval_batches(dataset))
         finally:
             model.set_classnames(base_names)
 
     def _write_results(self, metrics: dict[str, Any]) -> None:
-        from accelerate import PartialState
-
-        if not PartialState().is_main_process:
-            return
         record = {
             "method": self.run.method.method, "dataset": self.dataset_name or str(self.data.root),
             "seed": self.run.train.seed, "setting": self.setting, "shots": self.shots, "step": self.step,

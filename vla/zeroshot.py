@@ -21,7 +21,13 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
-from visionpeft.vla.prompts import PromptedCLIP, PromptLearner, PromptMethod, prompt_classname
+from visionpeft.vla.prompts import (
+    PromptedCLIP,
+    PromptLearner,
+    PromptMethod,
+    check_distinct_prompts,
+    prompt_classname,
+)
 from visionpeft.vla.text import get_tokenizer
 
 TEXT_BATCH = 1024  # prompts per text-tower call when building the classifier
@@ -83,6 +89,8 @@ class ZeroShotClassifier(PromptLearner):
         self.classnames: list[str] = []
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
+        check_distinct_prompts(self.tokenizer([self.templates[0].format(prompt_classname(n)) for n in classnames]),
+                               classnames)
         self.classnames = list(classnames)
         # Built on first use, when the model is frozen as it will be used.
         self.register_buffer("class_weights", None, persistent=False)
