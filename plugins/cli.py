@@ -190,6 +190,8 @@ def _eval(path: str, overrides: list[str], adapter: str | None) -> int:
     task = run.make_task()
     # The model first: the evaluation transform may depend on it (its normalisation statistics).
     model = task.build_model(adapter=adapter)
+    if adapter is not None:
+        _warn_if_the_adapter_differs(run, model, adapter)
     if task.eval_dataset() is None:
         # The task says which of its keys turns an evaluation on: keys differ between tasks.
         raise ConfigError(task.no_evaluation())
@@ -199,6 +201,30 @@ def _eval(path: str, overrides: list[str], adapter: str | None) -> int:
     if trainer.accelerator.is_main_process:
         print(json.dumps(metrics, default=str))
     return 0
+
+
+def _warn_if_the_adapter_differs(run, model, adapter: str) -> None:
+    """Say so when the adapter evaluated is not the method the run config describes.
+
+    The adapter folder carries its own method and config, and is evaluated as saved; a run config
+    whose ``method`` keys say otherwise would otherwise label the result with the wrong settings.
+    """
+    from visionpeft.method import attached_methods
+
+    loaded = attached_methods(model)
+    if not loaded:
+        return
+    saved, log = loaded[-1].config, logging.getLogger("visionpeft")
+    if saved.method != run.method.method:
+        log.warning("--adapter %s holds a %r adapter, but the run config's method.name is %r; evaluating the adapter "
+                    "as saved", adapter, saved.method, run.method.method)
+        return
+    differ = {k: (getattr(saved, k), getattr(run.method, k)) for k in sorted(run.method_keys)
+              if hasattr(saved, k) and getattr(saved, k) != getattr(run.method, k)}
+    if differ:
+        shown = ", ".join(f"method.{k}: {a!r} in the adapter, {b!r} in the run config" for k, (a, b) in differ.items())
+        log.warning("--adapter %s was trained with other settings (%s); evaluating the adapter as saved",
+                    adapter, shown)
 
 
 def _demos() -> dict[str, importlib.metadata.EntryPoint]:

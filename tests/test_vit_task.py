@@ -118,6 +118,11 @@ def test_train_reaches_high_accuracy_and_eval_reloads(vtab, tmp_path, capsys):
     assert main(["eval", str(config), "--adapter", str(out / "adapter")]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["top1"] == printed["eval"]["top1"]
+    # A run config that describes another adapter: evaluated as saved, and said so.
+    assert main(["eval", str(config), "--adapter", str(out / "adapter"), "--set", "method.bottleneck=16"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["top1"] == printed["eval"]["top1"]
+    assert "(method.bottleneck: 8 in the adapter, 16 in the run config); evaluating the adapter" in captured.err
 
 
 def test_resume_from_the_cli_continues_the_run(vtab, tmp_path, capsys):
