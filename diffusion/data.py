@@ -42,6 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import DataError
+from visionpeft.files import read_text
 from visionpeft.images import IMAGE_EXTENSIONS, SKIP_HINT, check_images, drop_bad, image_problem, read_image
 
 METADATA_FILE = "metadata.jsonl"
@@ -100,7 +101,7 @@ def condition_to_mode(image: Image.Image, channels: int, path: Path | str) -> Im
 def _captions_from_metadata(root: Path, column: str) -> list[ImageRecord]:
     path = root / METADATA_FILE
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -128,7 +129,7 @@ def _captions_from_txt(root: Path) -> list[ImageRecord]:
                 f"no caption for {image}: {txt.name} is missing beside it; give every image a .txt caption, a "
                 f"{METADATA_FILE} in {root}, or one data.instance_prompt for all images"
             )
-        records.append(ImageRecord(image, txt.read_text(encoding="utf-8").strip()))
+        records.append(ImageRecord(image, read_text(txt).strip()))
     return records
 
 

@@ -208,12 +208,16 @@ def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 def _check_state_checksum(checkpoint: Path) -> None:
     """Refuse a ``trainer_state.pt`` that differs from the SHA-256 its ``trainer_state.json`` records.
 
-    Checkpoints written before the checksum was recorded have none and are not checked.
+    Checkpoints written before the checksum was recorded have none and are not checked; a summary
+    that exists but does not parse is damage too.
     """
+    summary = checkpoint / STATE_SUMMARY_FILE
+    if not summary.is_file():
+        return  # written before the summary existed
     try:
-        recorded = json.loads((checkpoint / STATE_SUMMARY_FILE).read_text(encoding="utf-8")).get("state_sha256")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+        recorded = json.loads(summary.read_text(encoding="utf-8")).get("state_sha256")
+    except (ValueError, AttributeError) as err:
+        raise TrainingError(f"resume: {summary} is damaged ({err}); {_damaged_hint(checkpoint)}") from err
     if recorded is None:
         return
     actual = hashlib.sha256((checkpoint / STATE_FILE).read_bytes()).hexdigest()

@@ -162,10 +162,11 @@ def _split_safetensors(blob: bytes) -> tuple[dict[str, Any], memoryview]:
 
 
 def tensors_digest(blob: bytes) -> str:
-    """The SHA-256 of the tensors of a serialized safetensors file (``ValueError`` if it is not one).
+    """The SHA-256 of what a serialized adapter weights file says (``ValueError`` if it is not safetensors).
 
-    It covers the tensor index (the header without ``__metadata__``, as canonical JSON) and the
-    data section, and not the metadata, so it can be stored in the metadata of the file it checks.
+    It covers the tensor index (the header without ``__metadata__``, as canonical JSON), the data
+    section and the config the file carries in its metadata (what crash recovery would load), but
+    not the digest's own key, so it can be stored in the metadata of the file it checks.
     """
     return _digest(*_split_safetensors(blob))
 
@@ -174,6 +175,7 @@ def _digest(header: Mapping[str, Any], data: memoryview) -> str:
     index = {k: v for k, v in header.items() if k != "__metadata__"}
     digest = hashlib.sha256(json.dumps(index, sort_keys=True, separators=(",", ":")).encode())
     digest.update(data)
+    digest.update(str((header.get("__metadata__") or {}).get(EMBEDDED_CONFIG_KEY, "")).encode())
     return digest.hexdigest()
 
 
@@ -270,6 +272,31 @@ def _embedded_config(weights: Path, blob: bytes, sha256: str) -> dict[str, Any] 
     return payload
 
 
+#: the fields of adapter_config.json that the weights' own copy must repeat
+_DESCRIBED = ("format_version", "method", "adapter_name", "config", "base_model")
+
+
+def _check_against_the_weights(path: Path, payload: Mapping[str, Any], weights: Path, blob: bytes) -> None:
+    """Refuse an ``adapter_config.json`` whose content differs from the copy the (intact) weights carry.
+
+    The JSON's checksum covers the weights only, so an edited or damaged JSON (an ``alpha`` changed
+    by one bit) would otherwise load a different adapter. Weights without a copy are not checked.
+    """
+    try:
+        header, _ = _split_safetensors(blob)
+        copy = json.loads((header.get("__metadata__") or {})[EMBEDDED_CONFIG_KEY])
+    except (ValueError, KeyError, TypeError):
+        return
+    if not isinstance(copy, dict):
+        return
+    differ = [k for k in _DESCRIBED if copy.get(k) != payload.get(k)]
+    if differ:
+        raise AdapterMismatchError(
+            f"{path} was changed or is damaged: its {', '.join(differ)} differ from the copy stored in "
+            f"{weights.name}. {_RESTORE}"
+        )
+
+
 def _read_weights(path: Path) -> tuple[bytes, str] | None:
     """The bytes of a weights file and their SHA-256, or ``None`` when it is missing: the one read of a load."""
     if not path.is_file():
@@ -296,6 +323,8 @@ def _checked_config(path: Path, payload: dict[str, Any], weights: Path, read: tu
             f"{path} has format_version {version!r}; this visionpeft {__version__} reads version "
             f"{ADAPTER_FORMAT_VERSION}. Upgrade visionpeft to load it."
         )
+    if read is not None and payload.get("weights", {}).get("sha256") == read[1]:
+        _check_against_the_weights(path, payload, weights, read[0])
     for key in ("method", "adapter_name", "config", "base_model", "weights"):
         if key not in payload:
             raise AdapterMismatchError(f"{path} lacks the key {key!r}; the file is damaged or not from visionpeft")
@@ -329,7 +358,12 @@ def _open_adapter(directory: Path) -> tuple[dict[str, Any], Path, tuple[bytes, s
         raise AdapterMismatchError(f"{path} is not valid JSON ({err}); the file is damaged") from err
     if not isinstance(payload, dict) or not isinstance(payload.get("weights", {}), dict):
         raise AdapterMismatchError(f"{path} is not an adapter config (a JSON object); the file is damaged")
-    weights = directory / payload.get("weights", {}).get("file", WEIGHTS_NAME)
+    name = payload.get("weights", {}).get("file", WEIGHTS_NAME)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        # A plain file name in the folder: never a path that reads another file.
+        raise AdapterMismatchError(f"{path}: weights.file {name!r} is not a file name in {directory}; the file is "
+                                   "damaged")
+    weights = directory / name
     read = _read_weights(weights)
     return _checked_config(path, payload, weights, read), weights, read
 
@@ -424,3 +458,21 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None], *, 
     shutil.rmtree(previous, ignore_errors=True)
     _fsync_folder(parent)
     return target
+
+
+def read_text(path: str | os.PathLike, error: type[Exception] | None = None) -> str:
+    """The UTF-8 text of the file at ``path``; a file that is not UTF-8 raises ``error`` naming it.
+
+    ``error`` defaults to :class:`~visionpeft.errors.DataError`: list files, captions and split
+    files are the data's. Binary or mis-encoded files would otherwise fail with a bare
+    ``UnicodeDecodeError`` that names no file.
+    """
+    from visionpeft.errors import DataError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise (error or DataError)(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8, or check that it is the "
+            "file you meant"
+        ) from err

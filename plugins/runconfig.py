@@ -20,6 +20,7 @@ import yaml
 
 from visionpeft.config import MethodConfig, build_dataclass, field, plain, validate_fields
 from visionpeft.errors import ConfigError
+from visionpeft.files import read_text
 
 SECTIONS = ("task", "model", "method", "data", "train", "output_dir")
 
@@ -241,7 +242,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
         if not path.is_file():
             raise ConfigError(f"run config {path} does not exist")
         try:
-            tree = _yaml(path.read_text(encoding="utf-8")) or {}
+            tree = _yaml(read_text(path, ConfigError)) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
     return parse_run_config(apply_overrides(tree, overrides or []))

@@ -490,6 +490,12 @@ class Trainer:
         acc = self.accelerator
         if acc.num_processes == 1:
             return _add_totals([compute()])
+        if type(self.task).summarize is Task.summarize and not getattr(self, "_warned_summarize", False):
+            # A task written before evaluations were summed may return ratios, which would add up.
+            self._warned_summarize = True
+            logger.warning("task %r does not define summarize(): its evaluate() totals are added over %d processes "
+                           "and reported as they are; return counts and sums (not ratios) and turn them into "
+                           "metrics in summarize()", self.task.name, acc.num_processes)
         try:
             part: dict[str, Any] | str = dict(compute())
         except Exception as err:
@@ -560,8 +566,7 @@ class Trainer:
     # -- files --
 
     def _start_files(self) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
+        def write() -> None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / METRICS_FILE
             if self.global_step == 0:
@@ -577,12 +582,16 @@ class Trainer:
 
                 text = yaml.safe_dump(self.run_config, sort_keys=False)
                 files.atomic_write_text(self.output_dir / CONFIG_FILE, text)
-        acc.wait_for_everyone()
+
+        self._on_main(write)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
+        def write() -> None:
             with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, default=str) + "\n")
+
+        # Every process calls this at the same points (after a collective loss or evaluation).
+        self._on_main(write)
 
     # -- checkpoints --
 
@@ -608,17 +617,19 @@ class Trainer:
     def _save_checkpoint(self, total: int) -> Path:
         from accelerate.utils import gather_object
 
-        acc = self.accelerator
         rng = gather_object([checkpoints.rng_state()])
         path = checkpoints.checkpoint_path(self.output_dir, self.global_step)
-        if acc.is_main_process:
-            progress = {"step": self.global_step, "epoch": self.epoch, "batch": self.batch_in_epoch,
-                        "total_steps": total, "loss_sum": self._loss_sum, "loss_count": self._loss_count,
-                        "last_loss": self._last_loss, "data_order": self._data_order()}
+        progress = {"step": self.global_step, "epoch": self.epoch, "batch": self.batch_in_epoch,
+                    "total_steps": total, "loss_sum": self._loss_sum, "loss_count": self._loss_count,
+                    "last_loss": self._last_loss, "data_order": self._data_order()}
+
+        def write() -> None:
             checkpoints.write_checkpoint(path, self.model, progress, optimizer=self.optimizer,
                                          scheduler=self.scheduler, scaler=self.scaler, rng=rng)
             checkpoints.prune_checkpoints(self.output_dir, self.train.keep_last)
-        acc.wait_for_everyone()
+
+        # A failed write (a full disk) stops every process instead of leaving the others waiting.
+        self._on_main(write)
         self.last_checkpoint = path
         return path
 

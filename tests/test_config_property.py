@@ -131,7 +131,8 @@ def test_the_valid_configs_pass_the_check(task, capsys):
 
 
 @pytest.mark.parametrize("task", sorted(VALID))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_mutated_config_passes_or_names_what_it_refuses(task, data, capsys):
     tree, path = data.draw(mutated(task))

@@ -103,3 +103,54 @@ def test_a_file_that_cannot_be_opened_keeps_its_os_error(tmp_path):
         tensorfiles.read_torch(tmp_path / "missing.pt", error=DataError, fix="")
     with pytest.raises(FileNotFoundError):
         tensorfiles.read_safetensors(tmp_path / "missing.safetensors", error=DataError, fix="")
+
+
+def test_files_that_are_not_utf8_are_named(tmp_path, capsys):
+    from visionpeft.cli import main
+    from visionpeft.errors import DataError
+    from visionpeft.vit.data import read_list_file
+
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"task: vit\nmethod: {name: \xff\xfe}\n")
+    assert main(["train", str(config)]) == 2
+    assert f"error: {config} is not UTF-8 text" in capsys.readouterr().err
+    listing = tmp_path / "train.txt"
+    listing.write_bytes(b"a.png 0\n\x89PNG\xff\n")
+    with pytest.raises(DataError, match=r"train\.txt is not UTF-8 text"):
+        read_list_file(listing)
+
+
+def test_an_adapter_config_may_only_name_a_weights_file_in_its_folder(tmp_path):
+    import json
+
+    import visionpeft as vp
+    from visionpeft.errors import AdapterMismatchError
+
+    from toy import toy_net
+
+    vp.save(vp.attach(toy_net(), "lora", r=2), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    payload = json.loads(path.read_text())
+    for name in (3, "../adapter.safetensors", "/etc/passwd"):
+        path.write_text(json.dumps({**payload, "weights": {**payload["weights"], "file": name}}))
+        with pytest.raises(AdapterMismatchError, match="is not a file name in"):
+            vp.load(toy_net(), tmp_path)
+
+
+def test_a_damaged_trainer_state_summary_is_refused(tmp_path):
+    from visionpeft import checkpoints
+    from visionpeft.errors import TrainingError
+    from visionpeft.hosts import register_host, unregister_host
+    from visionpeft.train import Trainer
+
+    from test_trainer import NET_HOST, NetTask, config
+
+    register_host(NET_HOST)
+    try:
+        Trainer(NetTask(), config(max_steps=4), tmp_path / "run").fit(stop_after=2)
+    finally:
+        unregister_host(NET_HOST.family)
+    found = checkpoints.find_checkpoint(tmp_path / "run")
+    (found / checkpoints.STATE_SUMMARY_FILE).write_text("{damaged")
+    with pytest.raises(TrainingError, match=r"trainer_state\.json is damaged"):
+        checkpoints.read_state(found)

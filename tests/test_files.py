@@ -169,10 +169,11 @@ def test_newer_format_version_is_refused(tmp_path):
 
 def test_wrong_tensor_shapes_leave_the_model_as_it_was(tmp_path):
     vp.save(_adapted(r=4), tmp_path)
-    path = tmp_path / "adapter_config.json"
-    payload = json.loads(path.read_text())
-    payload["config"]["r"] = 2  # the config now disagrees with the saved tensors
-    path.write_text(json.dumps(payload))
+    payload = json.loads((tmp_path / "adapter_config.json").read_text())
+    # A consistent folder (both files, both checksums) whose config disagrees with its tensors: editing a
+    # file by hand no longer gets that far (see the next tests), so it is written as a buggy plugin would.
+    files.write_adapter(tmp_path, method="lora", adapter_name="default", config={**payload["config"], "r": 2},
+                        base=payload["base_model"], tensors=files.read_adapter(tmp_path)[1])
     model = toy_net()
     reference = copy.deepcopy(model.state_dict())
     with pytest.raises(AdapterMismatchError, match="shape differs"):
@@ -180,6 +181,28 @@ def test_wrong_tensor_shapes_leave_the_model_as_it_was(tmp_path):
     assert get_state(model) is None
     assert list(model.state_dict()) == list(reference)
     assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_edited_config_beside_intact_weights_is_refused(tmp_path):
+    """The JSON's checksum covers the weights; the weights' copy of the config covers the JSON."""
+    vp.save(_adapted(), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    payload = json.loads(path.read_text())
+    payload["config"]["alpha"] = payload["config"]["alpha"] + 1.0
+    path.write_text(json.dumps(payload))
+    with pytest.raises(AdapterMismatchError, match=r"adapter_config.json was changed or is damaged: its config differ"):
+        vp.load(toy_net(), tmp_path)
+
+
+def test_a_changed_config_inside_the_weights_is_refused_in_crash_recovery(tmp_path):
+    """The weights' own checksum covers the config they carry, which crash recovery would trust."""
+    vp.save(_adapted(), tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    blob = weights.read_bytes()
+    assert b'\\"alpha\\": 8.0' in blob  # the embedded config, as JSON inside the JSON header
+    weights.write_bytes(blob.replace(b'\\"alpha\\": 8.0', b'\\"alpha\\": 9.0', 1))  # same length
+    with pytest.raises(AdapterMismatchError, match="is damaged: its tensors match neither"):
+        vp.load(toy_net(), tmp_path)
 
 
 def _slow_writer(path: str, started) -> None:

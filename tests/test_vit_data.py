@@ -289,6 +289,12 @@ def test_evaluation_labels_beyond_the_training_classes_name_file_and_line(tmp_pa
     assert [label for _, label in data.FGVC(root, "train", classes=train.classes).samples] == [1, 0]
     with pytest.raises(DataError, match=r"train_10\.json:entry 'c\.jpg': class id 5 is not a class of the training"):
         data.FGVC(root, "train_10", classes=train.classes)
+    # The usual layout: test.json beside train.json, with a class train.json lacks.
+    root = make_fgvc(tmp_path / "g", "", {"train": {"a.jpg": 7, "b.jpg": 3}, "test": {"c.jpg": 5, "d.jpg": 3}})
+    train = data.FGVC(root, "train", own_classes=True)  # as the vit task reads a training split
+    assert train.classes == ["3", "7"]  # not widened by test.json
+    with pytest.raises(DataError, match=r"test\.json:entry 'c\.jpg': class id 5 is not a class of the training"):
+        data.FGVC(root, "test", classes=train.classes)
 
 
 # -- video --

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import ConfigError, DataError
+from visionpeft.files import read_text
 from visionpeft.images import IMAGE_EXTENSIONS, SKIP_HINT, check_images, drop_bad, image_problem, read_image
 
 # -- VTAB-1k --
@@ -193,7 +194,7 @@ def read_list_file(path: str | os.PathLike, num_classes: int | None = None,
     if not path.is_file():
         raise DataError(f"list file {path} does not exist")
     entries = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(read_text(path).splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -279,16 +280,18 @@ class FGVC(_ImageList):
     """One split of an FGVC data set in VPT's JSON format: ``<root>/<split>.json`` = ``{image_path: class_id}``.
 
     Class ids are remapped to ``0..K-1`` by sorting the unique ids of every split file present
-    (``train``, ``val``, ``test`` and the one asked for), so the splits agree; ``.classes`` holds the
-    original ids as strings. ``classes`` (the training split's ``.classes``, for an evaluation split)
-    fixes the map instead: an id outside it raises naming the file and entry. ``dataset`` picks the
+    (``train``, ``val``, ``test`` and the one asked for), so the splits agree; with ``own_classes``
+    only the split's own file counts (a training split: a class only the test file has must not
+    widen the head). ``.classes`` holds the original ids as strings. ``classes`` (the training
+    split's ``.classes``, for an evaluation split) fixes the map instead: an id outside it (a class
+    training never sees) raises naming the file and entry. ``dataset`` picks the
     image root (``images/`` for CUB and NABirds, ``Images/`` for Stanford Dogs, the root itself for
     Flowers and Cars, and for ``None``).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, dataset: str | None = None,
                  transform: Callable | None = None, skip_bad: bool = False, skip_hint: str = SKIP_HINT,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, own_classes: bool = False) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"FGVC folder {root} does not exist")
@@ -303,8 +306,8 @@ class FGVC(_ImageList):
         image_root = root / FGVC_IMAGE_DIRS[self.dataset] if self.dataset is not None else root
         if not image_root.is_dir():
             raise DataError(f"image folder {image_root} of {self.dataset} does not exist")
-        files = {name: self._read_json(root / f"{name}.json") for name in {"train", "val", "test", split}
-                 if name in available}
+        names = {split} if own_classes else {"train", "val", "test", split}
+        files = {name: self._read_json(root / f"{name}.json") for name in names if name in available}
         if classes is None:
             class_ids = [str(c) for c in sorted({label for entries in files.values() for _, label in entries})]
         else:
@@ -321,7 +324,7 @@ class FGVC(_ImageList):
     @staticmethod
     def _read_json(path: Path) -> list[tuple[str, int]]:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):

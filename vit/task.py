@@ -150,7 +150,8 @@ class VitTask(Task):
                 root = data.vtab_task_dir(root, options.vtab_task)
             dataset = data.VTAB1k(root, split, **checked)
         elif fmt == "fgvc":
-            dataset = data.FGVC(root, split, dataset=options.dataset, classes=classes, **checked)
+            dataset = data.FGVC(root, split, dataset=options.dataset, classes=classes, own_classes=classes is None,
+                                **checked)
         elif fmt == "imagefolder":
             dataset = data.ImageFolderDataset(root / split, classes=classes, classes_source=root / options.split_train,
                                               **checked)

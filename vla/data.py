@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpeft.errors import ConfigError, DataError
+from visionpeft.files import read_text
 from visionpeft.images import IMAGE_EXTENSIONS, SKIP_HINT, check_images, read_image
 
 logger = logging.getLogger("visionpeft")
@@ -321,7 +322,7 @@ def read_split_zhou(json_path: str | os.PathLike, image_dir: str | os.PathLike, 
     if not json_path.is_file():
         raise DataError(f"split file {json_path} does not exist; CoOp's split files are linked from {COOP_DATASETS_MD}")
     try:
-        content = json.loads(json_path.read_text())
+        content = json.loads(read_text(json_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"split file {json_path} is not valid JSON ({exc}); download it again") from exc
     if not isinstance(content, dict) or any(k not in content for k in ("train", "val", "test")):
@@ -456,7 +457,7 @@ def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False,
                         f"({COOP_DATASETS_MD}); lines are '<wnid> <class name>'")
     classnames: dict[str, str] = {}
     lines: dict[str, int] = {}
-    for lineno, line in enumerate(text_file.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(text_file).splitlines(), start=1):
         words = line.strip().split(" ")
         if not words[0]:
             continue
@@ -509,7 +510,7 @@ def read_fgvc_aircraft(dataset_dir: str | os.PathLike, check_files: bool = True,
     if not variants_file.is_file():
         raise DataError(f"FGVCAircraft list {variants_file} not found; use the 'data/' folder of "
                         "fgvc-aircraft-2013b.tar.gz renamed to fgvc_aircraft/")
-    variants = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    variants = [line.strip() for line in read_text(variants_file).splitlines() if line.strip()]
     label_of = {name: i for i, name in enumerate(variants)}
     parts: dict[str, list[Datum]] = {}
     for split in ("train", "val", "test"):
@@ -517,7 +518,7 @@ def read_fgvc_aircraft(dataset_dir: str | os.PathLike, check_files: bool = True,
         if not list_file.is_file():
             raise DataError(f"FGVCAircraft list {list_file} not found; it ships in fgvc-aircraft-2013b's data/ folder")
         items = []
-        for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(read_text(list_file).splitlines(), start=1):
             words = line.strip().split(" ")
             if not words[0]:
                 continue
