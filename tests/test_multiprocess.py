@@ -80,6 +80,19 @@ Trainer.eval_batches = counted_eval_batches
 if os.environ.get("VP_TEST_STOP_AFTER"):
     fit = Trainer.fit
     Trainer.fit = lambda self, resume=False, stop_after=None: fit(self, resume, int(os.environ["VP_TEST_STOP_AFTER"]))
+if os.environ.get("VP_TEST_KILL_AT"):
+    # SIGKILL process 1 right after optimizer step N: no cleanup, no checkpoint of that step.
+    import signal
+
+    after_step = Trainer._after_step
+    kill_at = int(os.environ["VP_TEST_KILL_AT"])
+
+    def after_step_then_die(self, *args):
+        after_step(self, *args)
+        if rank == 1 and self.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Trainer._after_step = after_step_then_die
 if os.environ.get("VP_TEST_RECORD"):
     path = os.path.join(os.environ["VP_TEST_RECORD"], f"rank-{rank}.json")
     atexit.register(lambda: open(path, "w").write(json.dumps(seen)))
@@ -208,6 +221,22 @@ def test_a_stopped_two_process_run_resumes_to_the_uninterrupted_adapter(vit_run,
     parts = load_file(tmp_path / "parts" / "adapter" / "adapter.safetensors")
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
     assert records(tmp_path / "parts") == records(vit_run["folder"])
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_adapter(vit_run, tmp_path):
+    """kill -9 of one process after step 3 (checkpoints at 2 and 4): the launcher stops the run; --resume
+    continues from step 2 and ends bit-identical to the uninterrupted run."""
+    config = vit_config(tmp_path, vit_run["data"], tmp_path / "killed")
+    killed = launch(tmp_path, ["train", str(config)], kill_at=3)
+    assert killed.returncode != 0
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step-0000002"]
+    assert not (tmp_path / "killed" / "adapter").exists()
+    resumed = launch(tmp_path, ["train", str(config), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    whole = load_file(vit_run["folder"] / "adapter" / "adapter.safetensors")
+    parts = load_file(tmp_path / "killed" / "adapter" / "adapter.safetensors")
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert records(tmp_path / "killed") == records(vit_run["folder"])
 
 
 # -- vla ------------------------------------------------------------------------------------------
