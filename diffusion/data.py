@@ -424,30 +424,12 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-class SamplePrompts(Dataset):
-    """The prompts images are sampled from at every evaluation, each with its seed."""
-
-    def __init__(self, prompts: Sequence[str], seed: int = 0) -> None:
-        self.prompts = list(prompts)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"sample_prompt": self.prompts[index], "sample_seed": self.seed + index, "sample_index": index}
-
-
 def collate(items: list[dict[str, Any]], tokenize: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """One batch of training items (token ids from ``tokenize``), or the list of sample prompts.
+    """One batch of training items (token ids from ``tokenize``).
 
     With class images, the class half follows the instance half along the batch (one forward for
     both, as diffusers' DreamBooth script) and ``is_class`` marks its rows.
     """
-    if "sample_prompt" in items[0]:
-        return {"sample_prompts": [i["sample_prompt"] for i in items],
-                "sample_seeds": [i["sample_seed"] for i in items],
-                "sample_indices": [i["sample_index"] for i in items]}
     prompts = [i["prompt"] for i in items]
     latent_key = "latent_dist" if "latent_dist" in items[0] else "pixel_values"
     images = [i[latent_key] for i in items]

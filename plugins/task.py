@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +38,16 @@ class DataConfig(Section):
     root: str | None = field(None, help="the data set's root folder")
     train_split: str | None = field(None, help="the split to train on")
     eval_split: str | None = field(None, help="the split to evaluate on")
+
+    def require(self, formats: Sequence[str], root: str) -> None:
+        """Refuse a missing or unknown ``format`` (one of ``formats``) and a missing ``root`` (``root``
+        says what the folder is), the checks every folder-reading task starts with."""
+        if self.format is None:
+            raise ConfigError(f"data.format: missing; choose one of {list(formats)}")
+        if self.format not in formats:
+            raise ConfigError(f"data.format: {self.format!r} is not supported; choose one of {list(formats)}")
+        if self.root is None:
+            raise ConfigError(f"data.root: missing; give {root}")
 
 
 class Task:

@@ -69,12 +69,7 @@ class VitData(DataConfig):
     stride: int = field(4, help="frames between samples with sampling: stride", ge=1, only_for={"format": ("video",)})
 
     def check(self) -> None:
-        if self.format is None:
-            raise ConfigError(f"data.format: missing; choose one of {sorted(FORMATS)}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format: {self.format!r} is not supported; choose one of {sorted(FORMATS)}")
-        if self.root is None:
-            raise ConfigError("data.root: missing; give the data set's folder")
+        self.require(sorted(FORMATS), "the data set's folder")
 
     @property
     def split_train(self) -> str:

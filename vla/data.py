@@ -208,6 +208,22 @@ def duplicate_classnames(names: Sequence[str]) -> list[list[int]]:
     return [group for group in groups.values() if len(group) > 1]
 
 
+def duplicates_problem(names: Sequence[str], show: Callable[[int], str], fix: str, where: str = "") -> str | None:
+    """Why ``names`` cannot all be classified (its first group of :func:`duplicate_classnames`), or ``None``.
+
+    ``show(i)`` describes class ``i`` where it comes from (a label and an image, a line of a file),
+    ``where`` follows the classes shown, ``fix`` is what to do: the one wording of the data readers'
+    and the prompt learners' errors.
+    """
+    groups = duplicate_classnames(names)
+    if not groups:
+        return None
+    more = f" ({len(groups) - 1} more such group(s))" if len(groups) > 1 else ""
+    shown = " and ".join(show(i) for i in groups[0])
+    return (f"{shown}{where} are {SAME_TO_CLIP}{more}: their prompts are identical, so the classifier always picks "
+            f"the first; {fix}")
+
+
 def pets_classname(image_name: str) -> str:
     """Oxford Pets' breed from an image name: all before the last ``_``, lower-cased (``Abyssinian_100.jpg``)."""
     stem = os.path.splitext(os.path.basename(image_name))[0]
@@ -274,12 +290,10 @@ def classnames_of(items: Sequence[Datum], split: str = "train") -> list[str]:
         raise DataError(f"the {split} split's labels are not 0..{labels[-1]}: {detail}; every class needs "
                         "training images, with labels counted from 0")
     classnames = [names[label] for label in labels]
-    duplicates = duplicate_classnames(classnames)
-    if duplicates:
-        shown = " and ".join(f"label {i} {classnames[i]!r} (e.g. {examples[i]})" for i in duplicates[0])
-        more = f" ({len(duplicates) - 1} more such group(s))" if len(duplicates) > 1 else ""
-        raise DataError(f"{shown} of the {split} split are {SAME_TO_CLIP}{more}: their prompts are identical, so "
-                        "the classifier always picks the first; give each class a distinct name")
+    problem = duplicates_problem(classnames, lambda i: f"label {i} {classnames[i]!r} (e.g. {examples[i]})",
+                                 "give each class a distinct name", where=f" of the {split} split")
+    if problem:
+        raise DataError(problem)
     return classnames
 
 
@@ -479,12 +493,12 @@ def read_imagenet(dataset_dir: str | os.PathLike, check_files: bool = False,
         if unnamed:
             raise DataError(f"class folder(s) {unnamed[:5]} of {split_dir} are not in {text_file}")
         if split == "train":
-            duplicates = duplicate_classnames([classnames[f] for f in folders])
-            if duplicates:
-                shown = " and ".join(f"line {lines[folders[i]]} ({folders[i]} {classnames[folders[i]]!r})"
-                                     for i in duplicates[0])
-                raise DataError(f"{text_file}: {shown} are {SAME_TO_CLIP}: their prompts are identical, so the "
-                                "classifier always picks the first; rename one of them in that file")
+            named = [(folder, classnames[folder], lines[folder]) for folder in folders]
+            problem = duplicates_problem([name for _, name, _ in named],
+                                         lambda i, named=named: f"line {named[i][2]} ({named[i][0]} {named[i][1]!r})",
+                                         "rename one of them in that file")
+            if problem:
+                raise DataError(f"{text_file}: {problem}")
         stray = sorted(set(present) - set(folders))
         if stray:
             raise DataError(f"class folder(s) {stray[:5]} of {split_dir} have no training folder")

@@ -26,7 +26,7 @@ from torch import nn
 
 from visionpeft.errors import ConfigError, UnsupportedModelError
 from visionpeft.method import Method, RunInfo
-from visionpeft.vla.data import SAME_TO_CLIP, duplicate_classnames, prompt_classname
+from visionpeft.vla.data import duplicates_problem, prompt_classname
 from visionpeft.vla.text import TextTower, count_tokens, get_tokenizer, text_tower
 
 logger = logging.getLogger("visionpeft")
@@ -46,12 +46,9 @@ def check_classnames(classnames: Sequence[str], method: str) -> list[str]:
     bad = [n for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
         raise ConfigError(f"{method}.classnames: every class name must be a non-empty string, got {bad[:3]}")
-    duplicates = duplicate_classnames(names)
-    if duplicates:
-        shown = " and ".join(f"{names[i]!r} (class {i})" for i in duplicates[0])
-        more = f" ({len(duplicates) - 1} more such group(s))" if len(duplicates) > 1 else ""
-        raise ConfigError(f"{method}.classnames: {shown} are {SAME_TO_CLIP}{more}: their prompts are identical, so "
-                          "the classifier always picks the first; give each class a distinct name")
+    problem = duplicates_problem(names, lambda i: f"{names[i]!r} (class {i})", "give each class a distinct name")
+    if problem:
+        raise ConfigError(f"{method}.classnames: {problem}")
     return names
 
 

@@ -66,12 +66,7 @@ class VlaData(DataConfig):
     allow_fewer: bool = field(False, help="keep a class with fewer images than shots whole, as Dassl does")
 
     def check(self) -> None:
-        if self.format is None:
-            raise ConfigError(f"data.format: missing; choose one of {list(FORMATS)}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format: {self.format!r} is not supported; choose one of {list(FORMATS)}")
-        if self.root is None:
-            raise ConfigError("data.root: missing; give the folder holding the data sets ($DATA in CoOp's DATASETS.md)")
+        self.require(FORMATS, "the folder holding the data sets ($DATA in CoOp's DATASETS.md)")
         if self.shots == 0:
             raise ConfigError("data.shots: 0 images per class trains nothing; give a number >= 1, or -1 for all")
         if self.train_split is not None:
