@@ -23,6 +23,7 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
+from visionpeft.generic import lora_fast
 from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
 from visionpeft.hosts import Host, find_host
 from visionpeft.inject import find_modules, replace_module
@@ -79,6 +80,16 @@ def expand_presets(patterns: list[str], host: Host) -> list[str]:
     return out
 
 
+def set_fast_path(model: nn.Module, enabled: bool) -> int:
+    """Turn the merged-weight training path of the model's LoRA linear layers on or off; the layers changed.
+
+    It is on after ``vp.attach``. The two give the same outputs and gradients to float rounding
+    (:mod:`visionpeft.generic.lora_fast` says where the path applies); off, every layer runs peft's
+    own ``forward``, for comparison or to rule the path out.
+    """
+    return lora_fast.enable(model) if enabled else lora_fast.disable(model)
+
+
 class LoRA(Method):
     """Low-rank updates of the host's linear and convolution layers (peft implementation)."""
 
@@ -131,6 +142,7 @@ class LoRA(Method):
         # peft activates only the newest adapter; every attached visionpeft adapter stays active.
         for layer in self._layers(model):
             layer.set_adapter(list(layer.lora_A.keys()))
+        lora_fast.enable(model)
         for n, p in model.named_parameters():
             if _strip_adapter(n, self.adapter_name) is not None:
                 p.requires_grad_(True)
