@@ -36,25 +36,36 @@ def _zero_shot_logits(clip, names, images, template="a photo of a {}."):
 
 @pytest.mark.parametrize("build", BUILDERS)
 def test_embedding_path_equals_encode_text_exactly(build):
+    """At full length the embedding path is ``encode_text`` bit for bit; cut at the last end token (the default)
+    the transformer multiplies shorter matrices, whose sums may round differently in the last bits."""
     clip = build(0).eval()
     tokens = clip_tokenizer()(["a photo of a dog.", "a photo of a golden retriever.", "X X X cat."])
     tower = text_tower(clip)
     with torch.no_grad():
-        assert torch.equal(encode_embeddings(tower, tower.embed(tokens), tokens), clip.encode_text(tokens))
+        expected = clip.encode_text(tokens)
+        assert torch.equal(encode_embeddings(tower, tower.embed(tokens), tokens, full_length=True), expected)
+        torch.testing.assert_close(encode_embeddings(tower, tower.embed(tokens), tokens), expected, atol=1e-5,
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("build", BUILDERS)
 def test_coop_from_a_photo_of_a_equals_zero_shot_clip_exactly(build):
+    """Bit for bit: CoOp's prompts against ``encode_text`` at full length, and CoOp against the zero-shot method
+    (both stop at the same end token). open_clip's own 77-position logits agree to rounding (1e-5)."""
     clip = build(0).eval()
     images = _images()
     model = vp.attach(clip, "coop", classnames=NAMES, ctx_init="a photo of a")
-    assert model.prompt_learner.ctx.shape == (4, 48)
+    learner = model.prompt_learner
+    assert learner.ctx.shape == (4, 48)
     with torch.no_grad():
         # On the attached (frozen) model: the same kernels as the prompt learner's forward.
+        full = encode_embeddings(learner.tower, learner(), learner.tokenized_prompts, full_length=True)
+        assert torch.equal(full, model.clip.encode_text(learner.tokenized_prompts))
         expected = _zero_shot_logits(model.clip, NAMES, images)
-        assert torch.equal(model(images), expected)
+        coop = model(images)
+        torch.testing.assert_close(coop, expected, atol=1e-5, rtol=1e-5)
         zeroshot = vp.attach(vp.detach(model), "zeroshot", classnames=NAMES)
-        assert torch.equal(zeroshot(images), expected)
+        assert torch.equal(zeroshot(images), coop)
 
 
 @pytest.mark.parametrize(("position", "text"), [("front", "{} a photo of a."), ("middle", "a photo {} of a.")])
@@ -176,7 +187,8 @@ def test_maple_depth_1_without_coupling_is_plain_text_prompting():
     maple = vp.attach(clip, "maple", classnames=NAMES, prompt_depth=1, coupling=False)
     assert vp.summary(maple)["trainable"] == 2 * 48
     with torch.no_grad():
-        assert torch.equal(maple(images), _zero_shot_logits(maple.clip, NAMES, images))
+        # encode_text runs all 77 positions, MaPLe stops at the end token: equal to rounding.
+        torch.testing.assert_close(maple(images), _zero_shot_logits(maple.clip, NAMES, images), atol=1e-5, rtol=1e-5)
         maple.prompt_learner.ctx.normal_(std=0.3)
         expected_ctx = maple.prompt_learner.ctx.clone()
         out = maple(images)

@@ -5,8 +5,16 @@ start token, learned context vectors, the class name's tokens. :func:`encode_emb
 rest of the text tower on them exactly as ``encode_text`` does on token ids (positional
 embedding, the transformer with its causal mask, the final norm, the feature at the end-of-text
 token, the projection), so a context initialised from "a photo of a" gives the zero-shot
-features of "a photo of a {class}." bit for bit. It works for ``open_clip.CLIP`` (the tower's
-modules on the model itself) and ``open_clip.CustomTextCLIP`` (under ``model.text``).
+features of "a photo of a {class}.". It works for ``open_clip.CLIP`` (the tower's modules on the
+model itself) and ``open_clip.CustomTextCLIP`` (under ``model.text``).
+
+The tower runs only up to the last end-of-text (EOT) token of the batch, not over all 77
+positions: under CLIP's causal mask no position after a sequence's EOT reaches the EOT, where the
+feature is read, so the prompts' 10-20 tokens give the same features at a fraction of the cost,
+to float rounding (about 1e-6: the matrix products are shorter). The zero-shot method runs the
+same cut, so CoOp from "a photo of a" equals it bit for bit. ``full_length=True`` runs all
+positions, which is ``encode_text`` bit for bit; towers without a causal mask, or whose pooling
+reads another position, always run the full length (:func:`sequence_length`).
 """
 
 from __future__ import annotations
@@ -125,13 +133,41 @@ def run_block(
     return block(x, attn_mask=attn_mask)
 
 
+def _eot_positions(tower: TextTower, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Per row, the position pooling reads (as ``text_global_pool`` finds it); ``None`` if it reads no EOT."""
+    if tower.pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    if tower.pool_type == "eos" and tower.eos_id is not None:
+        return (tokens == tower.eos_id).int().argmax(dim=-1)
+    return None
+
+
+def sequence_length(tower: TextTower, tokens: torch.Tensor, full_length: bool = False) -> int:
+    """How many leading positions of ``tokens`` ``(N, L)`` the text tower must run: the last EOT + 1.
+
+    Positions after it cannot change any feature under the causal mask. The full ``L`` is kept when
+    asked (``full_length``), or when the positions after the EOT may matter (below).
+    """
+    length = tokens.shape[1]
+    # No causal mask: attention is bidirectional, the padding after the EOT reaches the EOT.
+    if full_length or tower.attn_mask is None:
+        return length
+    eot = _eot_positions(tower, tokens)
+    # Pooling that reads no EOT ("last", "first", "none"): the output is a position the cut would move, or all.
+    if eot is None or eot.numel() == 0:
+        return length
+    return int(eot.max().item()) + 1
+
+
 def _run_blocks(
-    tower: TextTower, x: torch.Tensor, deep_prompts: Sequence[torch.Tensor] | None, n_ctx: int
+    tower: TextTower, x: torch.Tensor, attn_mask: torch.Tensor | None, deep_prompts: Sequence[torch.Tensor] | None,
+    n_ctx: int,
 ) -> torch.Tensor:
     transformer = tower.transformer
     if not deep_prompts:
-        return transformer(x, attn_mask=tower.attn_mask)
-    # MaPLe's deep prompts: before block i (1 <= i <= len(deep)), positions 1..n_ctx are replaced.
+        return transformer(x, attn_mask=attn_mask)
+    # MaPLe's deep prompts: before block i (1 <= i <= len(deep)), positions 1..n_ctx are replaced
+    # (they lie before every EOT, so a cut sequence still holds them).
     batch_first = getattr(transformer, "batch_first", True)
     if not batch_first:
         x = x.transpose(0, 1)
@@ -141,7 +177,7 @@ def _run_blocks(
             prompt = deep_prompts[i - 1].to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
             h = torch.cat([h[:, :1], prompt, h[:, 1 + n_ctx :]], dim=1)
             x = h if batch_first else h.transpose(0, 1)
-        x = run_block(transformer, block, x, tower.attn_mask)
+        x = run_block(transformer, block, x, attn_mask)
     if not batch_first:
         x = x.transpose(0, 1)
     return x
@@ -153,19 +189,27 @@ def encode_embeddings(
     tokens: torch.Tensor,
     deep_prompts: Sequence[torch.Tensor] | None = None,
     n_ctx: int = 0,
+    full_length: bool = False,
 ) -> torch.Tensor:
     """Text features of prompt ``embeddings`` ``(N, L, width)``; ``tokens`` ``(N, L)`` locate the EOT.
 
     The same computation as ``encode_text`` from the embedding on: ``+ positional_embedding``,
     the transformer with the causal mask, ``ln_final``, pooling at the end-of-text token (the
-    tower's pool type), the text projection. ``deep_prompts`` (MaPLe) replace positions
-    ``1..n_ctx`` before blocks ``1..len(deep_prompts)``. Returns ``(N, embed_dim)``, not normalised.
+    tower's pool type), the text projection, over the first :func:`sequence_length` positions
+    (all ``L`` with ``full_length``: then bit for bit ``encode_text``'s). ``deep_prompts`` (MaPLe)
+    replace positions ``1..n_ctx`` before blocks ``1..len(deep_prompts)``. Returns
+    ``(N, embed_dim)``, not normalised.
     """
     from open_clip.transformer import text_global_pool
 
+    n = sequence_length(tower, tokens, full_length)
+    embeddings, tokens = embeddings[:, :n], tokens[:, :n]
+    attn_mask = tower.attn_mask
+    if attn_mask is not None:
+        attn_mask = attn_mask[:n, :n]
     cast = tower.cast_dtype()
-    x = embeddings.to(cast) + tower.positional_embedding.to(cast)
-    x = _run_blocks(tower, x, deep_prompts, n_ctx)
+    x = embeddings.to(cast) + tower.positional_embedding[:n].to(cast)
+    x = _run_blocks(tower, x, attn_mask, deep_prompts, n_ctx)
     x = tower.ln_final(x)
     pooled = text_global_pool(x, tokens, tower.pool_type, eos_token_id=tower.eos_id)
     return _project(tower, pooled)

@@ -28,7 +28,7 @@ from visionpeft.vla.prompts import (
     check_distinct_prompts,
     prompt_classname,
 )
-from visionpeft.vla.text import get_tokenizer
+from visionpeft.vla.text import encode_embeddings, get_tokenizer
 
 TEXT_BATCH = 1024  # prompts per text-tower call when building the classifier
 
@@ -84,6 +84,7 @@ class ZeroShotClassifier(PromptLearner):
 
         tower = text_tower(clip)
         self.__dict__["_clip"] = clip
+        self.__dict__["_tower"] = tower  # not a submodule, as PromptLearner's
         self.tokenizer = get_tokenizer(config.tokenizer, tower.context_length)
         self.templates = resolve_templates(config)
         self.classnames: list[str] = []
@@ -95,6 +96,10 @@ class ZeroShotClassifier(PromptLearner):
         # Built on first use, when the model is frozen as it will be used.
         self.register_buffer("class_weights", None, persistent=False)
 
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``encode_text(tokens)`` in fp32, run only up to the batch's last end token (:func:`encode_embeddings`)."""
+        return encode_embeddings(self.tower, self.tower.embed(tokens), tokens).float()
+
     def weights(self) -> torch.Tensor:
         """The normalised class weights ``(C, E)``: the normalised mean of each class's template features."""
         if self.class_weights is None:
@@ -104,7 +109,7 @@ class ZeroShotClassifier(PromptLearner):
             # Outside any autocast: the classifier is kept, so it is built at the model's precision.
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 # Every (class, template) prompt in batched calls, not one call per class.
-                features = torch.cat([clip.encode_text(self.tokenizer(texts[i : i + TEXT_BATCH]).to(device)).float()
+                features = torch.cat([self._encode(self.tokenizer(texts[i : i + TEXT_BATCH]).to(device))
                                       for i in range(0, len(texts), TEXT_BATCH)])
             features = F.normalize(features, dim=-1).reshape(len(self.classnames), len(self.templates), -1)
             # One template: its feature itself (normalising twice would move the last bits).
