@@ -131,6 +131,10 @@ def from_tensors(
                 which[_canonical(key[: -len(suffix)])] = value.detach().to("cpu").contiguous()
                 break
         else:
+            if "lora_magnitude_vector" in key:
+                # lora.check_dora refuses DoRA on this host at attach; this catches tensors from elsewhere.
+                raise AdapterError(f"{key!r} is a DoRA magnitude: the diffusers and kohya files written here carry "
+                                   "plain LoRA only; train with method.dora: false")
             raise AdapterError(f"{key!r} is not a LoRA weight (<module>.lora_A.weight or .lora_B.weight)")
     wrong = [m for m, t in down.items() if t.shape[0] != r]
     if wrong:

@@ -7,6 +7,14 @@ patterns) before peft sees them, so ``patch_embed.proj`` is never caught by a ``
 A ``targets`` entry ``"@name"`` names one of the host's ``target_presets`` (e.g. ``"@unet_ff"`` on
 Stable Diffusion), a group of patterns that counts as one: it must match something as a whole.
 peft is imported only when a LoRA is attached.
+
+With ``dora: true`` the update is DoRA's (Liu et al., ICML 2024), through peft's ``use_dora``:
+``W' = m * (W + s B A) / ||W + s B A||`` per output row, with the magnitude ``m`` (one number per
+output unit of each target, saved as ``<module>.lora_magnitude_vector.weight``) starting at
+``||W||``, so the model is unchanged at attach. It merges exactly like LoRA. The merged-weight
+training path (:mod:`visionpeft.generic.lora_fast`) does not apply to it: peft's forward runs. A
+host that writes LoRA files for its users' tools (``Host.lora_export``: Stable Diffusion's diffusers
+and kohya files) writes plain LoRA, so DoRA is refused there at attach (:meth:`LoRA.check_dora`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ class LoRAConfig(MethodConfig):
         "kaiming", help="init of A (B is zero, so the model starts unchanged); 'gaussian' as diffusers"
     )
     train_head: bool = field(True, help="train a copy of the host's classification head, if it has one")
+    dora: bool = field(
+        False, help="DoRA: also learn a magnitude per output unit, W' = m (W + s B A) / ||W + s B A|| (peft use_dora)"
+    )
 
 
 def _strip_adapter(name: str, adapter_name: str) -> str | None:
@@ -123,9 +134,23 @@ class LoRA(Method):
             raise ConfigError(f"lora.targets matched the head {head!r}, which is trained whole; exclude it")
         return names, head
 
+    def check_dora(self, host: Host) -> None:
+        """Refuse DoRA on a host whose LoRA files (``Host.lora_export``) cannot carry its magnitudes.
+
+        Such a host writes files for other tools at the end of a run (Stable Diffusion: diffusers'
+        ``pytorch_lora_weights.safetensors`` and kohya's format, both plain ``A``/``B`` pairs); a
+        DoRA adapter would be exported wrong or not at all, so it is refused before training.
+        """
+        if self.config.dora and host.lora_export is not None:
+            raise ConfigError(
+                f"method.dora: the {host.family!r} host exports LoRA files for its tools (diffusers, kohya) that "
+                "carry plain LoRA only, not DoRA's magnitudes; set method.dora: false"
+            )
+
     def attach(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model
 
+        self.check_dora(find_host(model))
         names, head = self._targets(model)
         self._head = head
         peft_config = LoraConfig(
@@ -134,6 +159,7 @@ class LoRA(Method):
             lora_dropout=self.config.dropout,
             target_modules="(" + "|".join(re.escape(n) for n in names) + ")",
             init_lora_weights=True if self.config.init == "kaiming" else "gaussian",
+            use_dora=self.config.dora,
         )
         with warnings.catch_warnings():
             # Several named adapters on one model are intended here.
