@@ -18,8 +18,8 @@ timm = pytest.importorskip("timm")
 from tiny_models import tiny_vit  # noqa: E402
 
 
-def _images(seed: int = 0) -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def _images(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def _trained(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,12 +105,12 @@ def test_gradients_reach_the_magnitudes_and_the_fast_path_is_never_taken(monkeyp
 
     monkeypatch.setattr(lora_fast.MergedLoRALinear, "apply", spy)
     plain = vp.attach(tiny_vit(0), "lora")
-    plain(_images()).square().mean().backward()
+    plain(_images(batch=8)).square().mean().backward()  # rows enough for the fast path (lora_fast.MIN_ROWS_FACTOR)
     assert calls, "the spy must see the fast path of plain LoRA, or this test proves nothing"
     calls.clear()
     model = _dora()
     model.train()
-    model(_images()).square().mean().backward()
+    model(_images(batch=8)).square().mean().backward()
     assert not calls, "DoRA must run peft's own forward"
     mags = [t for k, t in _trained(model).items() if k.endswith("lora_magnitude_vector.weight")]
     assert mags and all(t.grad is not None and t.grad.abs().sum() > 0 for t in mags)

@@ -70,7 +70,7 @@ def test_gradients_equal_peft_formulation(merged_calls):
     fast = _trained_lora()
     reference = copy.deepcopy(fast)
     assert set_fast_path(reference, False) == 8
-    images = torch.randn(3, 3, 32, 32)
+    images = torch.randn(6, 3, 32, 32)
     expected = _grads(reference, images)
     assert not merged_calls
     got = _grads(fast, images)
@@ -109,7 +109,7 @@ def test_bias_scaling_and_leading_dimensions_of_one_layer(merged_calls):
 def test_zero_init_adapter_leaves_training_outputs_bit_identical(merged_calls):
     plain = _vit().train()
     model = vp.attach(copy.deepcopy(plain), "lora", r=4).train()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(6, 3, 32, 32)
     assert torch.equal(model(images), plain(images))
     assert len(merged_calls) == 8
 
@@ -119,7 +119,7 @@ def test_low_precision_takes_peft_s_forward(merged_calls):
     fast = _trained_lora()
     reference = copy.deepcopy(fast)
     set_fast_path(reference, False)
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(6, 3, 32, 32)
     expected, got = _grads(reference, images, torch.bfloat16), _grads(fast, images, torch.bfloat16)
     assert not merged_calls
     assert all(torch.equal(got[n], v) for n, v in expected.items())
@@ -160,7 +160,7 @@ def test_falls_back_to_peft_where_the_path_does_not_apply(merged_calls, case, ma
     model = make()
     reference = copy.deepcopy(model)
     set_fast_path(reference, False)
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(6, 3, 32, 32)
     torch.manual_seed(3)
     expected = _grads(reference, images)
     torch.manual_seed(3)
@@ -175,8 +175,19 @@ def test_no_gradient_and_eval_dropout(merged_calls):
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert not merged_calls  # evaluation without gradients is peft's forward
-    model(torch.randn(1, 3, 32, 32))
+    model(torch.randn(6, 3, 32, 32))
     assert len(merged_calls) == 8  # dropout in eval mode is the identity: the path applies
+
+
+def test_small_batches_take_peft_s_forward(merged_calls):
+    """Below MIN_ROWS_FACTOR * in*out/(in+out) rows, forming W + sBA twice costs more than peft's extra work."""
+    model = _trained_lora()
+    _grads(model, torch.randn(1, 3, 32, 32))  # 17 rows; qkv (64 -> 192) needs 72, fc1 / fc2 64, proj 48
+    assert not merged_calls
+    _grads(model, torch.randn(3, 3, 32, 32))  # 51 rows: proj only, in both blocks
+    assert len(merged_calls) == 2
+    rows, qkv = torch.randn(72, 64), torch.empty(192, 64)
+    assert lora_fast.enough_rows(rows, qkv) and not lora_fast.enough_rows(rows[:71], qkv)
 
 
 def test_names_files_and_pickling_are_peft_s(tmp_path):
