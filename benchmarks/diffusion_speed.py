@@ -1,19 +1,23 @@
 """Training-step cost of the diffusion methods next to the approaches of diffusers' example scripts.
 
-    python benchmarks/diffusion_speed.py                  # CPU: tiny + SD 1.5 (16x16 latents), a few minutes
-    python benchmarks/diffusion_speed.py --quick          # tiny pipeline only, seconds
+    python benchmarks/diffusion_speed.py                  # CPU: tiny + SD 1.5 (16x16 latents), 1 thread
+    python benchmarks/diffusion_speed.py --quick          # tiny pipeline only
+    python benchmarks/diffusion_speed.py --archs sd15 --groups lora --full-unet   # + LoRA / full UNet (~20 GB)
     python benchmarks/diffusion_speed.py --device cuda --latent 64 --batch 4   # SD 1.5 at 512 px on a GPU
 
-Pairs, each measured in the same run on the same weights and batch:
+Groups, each measured in one run on the same (seeded) weights and batch:
 
 - ``textual_inversion``: visionpeft's (only the new vectors are a parameter; AdamW over them) against
   diffusers' ``textual_inversion.py`` (``resize_token_embeddings``, AdamW over the whole
   ``token_embedding.weight``, the other rows copied back after every step).
-- ``lora``: ``vp.attach(model, "lora")`` against ``unet.add_adapter(LoraConfig(r=4, lora_alpha=4,
-  init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))`` as in
-  ``train_text_to_image_lora.py``; both train the same 4-rank updates.
+- ``lora``: ``vp.attach(model, "lora")`` (fast path on, and off: peft's layer forward) against
+  ``unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k",
+  "to_q", "to_v", "to_out.0"]))`` as in ``train_text_to_image_lora.py``; all train the same 4-rank updates.
 - ``t2i_adapter``: visionpeft's (frozen UNet) against ``train_t2i_adapter_sdxl.py``'s setting, where
-  the UNet is left trainable (``requires_grad``) although only the adapter is optimised.
+  the UNet is left trainable (``requires_grad``) although only the adapter is optimised, so its
+  gradients are computed and accumulate.
+- ``full_unet`` (only with ``--full-unet``): our LoRA against fine-tuning the whole UNet with AdamW
+  (SD 1.5 on CPU: about 14 GB for that process alone).
 
 Architectures: the tiny test pipeline (``tests/tiny_models.py``), and SD 1.5's UNet
 (320/640/1280/1280, cross-attention 768) with a CLIP ViT-L/14 text encoder (12 layers, width 768,
@@ -24,31 +28,28 @@ of one batch (visionpeft's through :func:`visionpeft.diffusion.loss.diffusion_lo
 reference's written as the scripts write it), backward, AdamW (weight decay 1e-2, the scripts'
 default) and, for the reference textual inversion, its row restore.
 
-Steps run in interleaved rounds (ours and the reference alternate, the order swapped every round)
-after warm-up rounds, and the table gives medians and the ratio ours / reference. Memory: on CUDA
-the allocator's peak during a step above what was allocated before it; on CPU, where no allocator
-peak is available, the bytes of optimizer state and of gradients a step leaves (the memory the
-methods differ in; activations are the same for both sides of a pair).
+Each contender runs in its own process holding its own pipeline (``benchmarks/harness.py``): CPU
+seconds of a single-threaded process (CUDA events on CUDA), interleaved rounds with the order
+rotated, the median of per-round ratios and the ratio of minima, and each process's peak resident
+memory (on CUDA the allocator's peak), with the bytes of optimizer state and gradients a step
+leaves. With SD 1.5 on CPU at most ``--max-procs`` (2) processes live at once: a larger group runs
+as pairs.
 """
+
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
-import statistics
+import dataclasses
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from harness import Contender, add_common_args, compare, describe, fmt_count, mib, ratios, resolve_device, table
 from torch import nn
-
-import visionpeft as vp
-from visionpeft.method import set_train_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "<concept>"
@@ -102,14 +103,14 @@ def clip_tokenizer() -> Any:
 
 def parts(arch: str) -> dict[str, Any]:
     """unet, vae, text_encoder, tokenizer and scheduler of ``arch`` (``tiny`` or ``sd15``), random weights."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if arch == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny_models import tiny_sd_components
 
         return tiny_sd_components(0)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
     text_encoder = CLIPTextModel(CLIPTextConfig(**VIT_L_TEXT)).eval()
@@ -130,13 +131,13 @@ def container(p: dict[str, Any], **replace: Any) -> nn.Module:
     return StableDiffusionModel(p["unet"], p["vae"], p["text_encoder"], p["tokenizer"], p["scheduler"])
 
 
-# --- one optimizer step -------------------------------------------------------------------------
+# --- one optimizer step (in the contender's process) ---------------------------------------------
 
 
 class Batch:
-    """The fixed batch of a pair: cached-latent posteriors, prompts and condition images."""
+    """The fixed batch of a group: cached-latent posteriors, prompts and condition images."""
 
-    def __init__(self, batch: int, latent: int, vae_scale: int, device: torch.device) -> None:
+    def __init__(self, batch: int, latent: int, vae_scale: int, device: str) -> None:
         g = torch.Generator().manual_seed(0)
         self.latent_dist = torch.randn(batch, 8, latent, latent, generator=g).to(device)
         self.condition = torch.rand(batch, 3, latent * vae_scale, latent * vae_scale, generator=g).to(device)
@@ -176,47 +177,69 @@ def tensor_bytes(tensors) -> int:
 
 
 class Step:
-    """One training configuration: a loss closure, the parameters AdamW optimises, an after-step hook."""
+    """One training configuration: a loss closure, the parameters AdamW optimises, an after-step hook.
+
+    After every call ``info`` holds the bytes of optimizer state and of the gradients of the
+    ``watched`` parameters the step left (the harness hands ``info`` back after the last step).
+    """
 
     def __init__(self, loss: Callable[[], torch.Tensor], params: list[nn.Parameter], watched: list[nn.Parameter],
-                 after: Callable[[], None] | None = None, before: Callable[[], None] | None = None) -> None:
-        self.loss, self.params, self.watched, self.after, self.before = loss, params, watched, after, before
+                 after: Callable[[], None] | None = None) -> None:
+        self.loss, self.params, self.watched, self.after = loss, params, watched, after
         self.optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-        self.state_bytes = self.grad_bytes = 0
+        self.info: dict[str, Any] = {"trainable": sum(p.numel() for p in params)}
 
     def __call__(self) -> None:
-        if self.before is not None:
-            self.before()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss().backward()
         self.optimizer.step()
-        self.grad_bytes = tensor_bytes(p.grad for p in self.watched)
-        self.state_bytes = tensor_bytes(t for s in self.optimizer.state.values() for t in s.values()
-                                        if torch.is_tensor(t) and t.dim() > 0)
+        self.info["grad_bytes"] = tensor_bytes(p.grad for p in self.watched)
+        self.info["state_bytes"] = tensor_bytes(t for s in self.optimizer.state.values() for t in s.values()
+                                                if torch.is_tensor(t) and t.dim() > 0)
         if self.after is not None:
             self.after()
 
-    @property
-    def trainable(self) -> int:
-        """Elements AdamW updates."""
-        return sum(p.numel() for p in self.params)
+
+def setup(arch: str, batch_size: int, latent: int, device: str) -> tuple[dict[str, Any], Batch]:
+    """The parts of ``arch`` on ``device`` and the fixed batch (tiny: batch 2, 16x16 latents, VAE scale 2)."""
+    p = parts(arch)
+    p = {k: (v.to(device) if isinstance(v, nn.Module) else v) for k, v in p.items()}
+    batch = Batch(2, 16, 2, device) if arch == "tiny" else Batch(batch_size, latent, 8, device)
+    torch.manual_seed(0)
+    return p, batch
 
 
-def ti_pair(p: dict[str, Any], batch: Batch, device: torch.device) -> dict[str, Step]:
-    """visionpeft's textual inversion and diffusers' ``textual_inversion.py`` on the same UNet."""
-    initializer = "photo"
-    model = container(p, text_encoder=copy.deepcopy(p["text_encoder"])).to(device)
-    model = vp.attach(model, "textual_inversion", placeholder_token=PLACEHOLDER, initializer_token=initializer)
+def ours(model: nn.Module, batch: Batch, condition: bool = False, prompt: str = "a photo of a cat") -> Step:
+    """The training step of the visionpeft method attached to ``model``."""
+    from visionpeft.method import set_train_mode
+
     set_train_mode(model, True)
-    ids = model.tokenize([f"a photo of {PLACEHOLDER}"] * batch.size)["input_ids"].to(device)
-    ours = Step(lambda: ours_loss(model, ids, batch), [q for q in model.parameters() if q.requires_grad],
+    ids = model.tokenize([prompt] * batch.size)["input_ids"].to(batch.latent_dist.device)
+    step = Step(lambda: ours_loss(model, ids, batch, condition), [q for q in model.parameters() if q.requires_grad],
                 list(model.parameters()))
+    step.info["input_ids"] = ids[0].tolist()
+    return step
 
-    # diffusers' script: add the token, resize the embedding, copy the initializer row, train the matrix.
-    tokenizer = copy.deepcopy(p["tokenizer"])
-    text_encoder = p["text_encoder"]  # ours works on a copy
+
+TI_PROMPT = f"a photo of {PLACEHOLDER}"
+PROMPT = "a photo of a cat"
+
+
+def ti_ours(p: dict[str, Any], batch: Batch) -> Step:
+    """visionpeft's textual inversion: only the new token's vector is a parameter."""
+    import visionpeft as vp
+
+    model = vp.attach(container(p), "textual_inversion", placeholder_token=PLACEHOLDER, initializer_token="photo")
+    return ours(model, batch, prompt=TI_PROMPT)
+
+
+def ti_reference(p: dict[str, Any], batch: Batch) -> Step:
+    """diffusers' ``textual_inversion.py``: add the token, resize the embedding, train the whole matrix."""
+    scheduler = container(p).noise_scheduler  # first: the container freezes the text encoder
+    tokenizer, text_encoder = p["tokenizer"], p["text_encoder"]
+    device = batch.latent_dist.device
     tokenizer.add_tokens([PLACEHOLDER])
-    init_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(initializer))[0]
+    init_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("photo"))[0]
     new_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embedding = text_encoder.get_input_embeddings()
@@ -228,206 +251,235 @@ def ti_pair(p: dict[str, Any], batch: Batch, device: torch.device) -> dict[str, 
     originals = embedding.weight.detach().clone()
     keep = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
     keep[new_id] = False
-    ref_ids = tokenizer([f"a photo of {PLACEHOLDER}"] * batch.size, padding="max_length", max_length=77,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-    assert torch.equal(ref_ids, ids), "the two sides must train on the same token ids"
-    unet = model.unet
+    ids = tokenizer([TI_PROMPT] * batch.size, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    unet = p["unet"].requires_grad_(False)
 
     def restore() -> None:
         with torch.no_grad():
             embedding.weight[keep] = originals[keep]
 
-    ref = Step(lambda: reference_loss(text_encoder, unet, model.noise_scheduler, ref_ids, batch),
-               list(embedding.parameters()), list(text_encoder.parameters()) + list(unet.parameters()), after=restore)
-    return {"textual_inversion": ours, "textual_inversion (diffusers)": ref}
+    step = Step(lambda: reference_loss(text_encoder, unet, scheduler, ids, batch), list(embedding.parameters()),
+                list(text_encoder.parameters()) + list(unet.parameters()), after=restore)
+    step.info["input_ids"] = ids[0].tolist()
+    return step
 
 
-def lora_pair(p: dict[str, Any], batch: Batch, device: torch.device) -> dict[str, Step]:
-    """``vp.attach(model, "lora")`` and ``unet.add_adapter(LoraConfig(...))`` with the same rank and targets."""
+def lora_ours(p: dict[str, Any], batch: Batch, fast: bool = True) -> Step:
+    """``vp.attach(model, "lora")`` with diffusers' rank, scale and init; visionpeft's fast path on or off."""
+    import visionpeft as vp
+
+    model = vp.attach(container(p), "lora", r=4, alpha=4, init="gaussian")
+    step = ours(model, batch)
+    step.info["lora"] = set_fast_lora(model, fast)
+    return step
+
+
+def set_fast_lora(model: nn.Module, enabled: bool) -> str:
+    """Turn visionpeft's fast LoRA path on or off; says what happened (the switch may not exist yet)."""
+    from visionpeft.generic import lora
+
+    switch = getattr(lora, "set_fast_path", None)
+    if switch is None:
+        return "no set_fast_path in visionpeft.generic.lora: peft's forward either way"
+    switch(model, enabled)
+    is_fast = getattr(getattr(lora, "lora_fast", None), "is_fast", None)
+    count = f" ({sum(map(is_fast, model.modules()))} fast layers)" if is_fast else ""
+    return "fast path " + ("on" if enabled else "off") + count
+
+
+def lora_fast_off(p: dict[str, Any], batch: Batch) -> Step:
+    """Our LoRA with peft's own layer forward."""
+    return lora_ours(p, batch, fast=False)
+
+
+def lora_reference(p: dict[str, Any], batch: Batch) -> Step:
+    """``unet.add_adapter(LoraConfig(...))`` as in ``train_text_to_image_lora.py``."""
     from peft import LoraConfig
 
-    model = container(p, unet=copy.deepcopy(p["unet"])).to(device)
-    model = vp.attach(model, "lora", r=4, alpha=4, init="gaussian")
-    set_train_mode(model, True)
-    ids = model.tokenize(["a photo of a cat"] * batch.size)["input_ids"].to(device)
-    ours = Step(lambda: ours_loss(model, ids, batch), [q for q in model.parameters() if q.requires_grad],
-                list(model.parameters()))
-
-    unet = p["unet"]  # ours works on a copy
-    unet.requires_grad_(False)
+    unet = p["unet"].requires_grad_(False)
+    p["text_encoder"].requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    text_encoder = model.text_encoder
-    ref = Step(lambda: reference_loss(text_encoder, unet, model.noise_scheduler, ids, batch),
-               [q for q in unet.parameters() if q.requires_grad], list(unet.parameters()))
-    if ours.trainable != ref.trainable:
-        raise RuntimeError(f"LoRA sides differ: {ours.trainable} vs {ref.trainable} trainable elements")
-    return {"lora": ours, "lora (unet.add_adapter)": ref}
+    unet.train()
+    model = container(p)
+    ids = model.tokenize([PROMPT] * batch.size)["input_ids"].to(batch.latent_dist.device)
+    return Step(lambda: reference_loss(p["text_encoder"], unet, model.noise_scheduler, ids, batch),
+                [q for q in unet.parameters() if q.requires_grad], list(unet.parameters()))
 
 
-def t2i_pair(p: dict[str, Any], batch: Batch, device: torch.device) -> dict[str, Step]:
-    """visionpeft's T2I-Adapter (frozen UNet) and the SDXL script's setting (UNet left trainable), one UNet."""
+def full_unet(p: dict[str, Any], batch: Batch) -> Step:
+    """Fine-tuning the whole UNet (text encoder frozen), AdamW over all its parameters."""
+    unet = p["unet"].requires_grad_(True)
+    p["text_encoder"].requires_grad_(False)
+    unet.train()
+    model = container(p)
+    ids = model.tokenize([PROMPT] * batch.size)["input_ids"].to(batch.latent_dist.device)
+    return Step(lambda: reference_loss(p["text_encoder"], unet, model.noise_scheduler, ids, batch),
+                list(unet.parameters()), list(unet.parameters()))
+
+
+def t2i_ours(p: dict[str, Any], batch: Batch) -> Step:
+    """visionpeft's T2I-Adapter: the UNet frozen, only the adapter trained."""
+    import visionpeft as vp
+
+    return ours(vp.attach(container(p), "t2i_adapter"), batch, condition=True)
+
+
+def t2i_reference(p: dict[str, Any], batch: Batch) -> Step:
+    """``train_t2i_adapter_sdxl.py``'s setting: the same adapter optimised, the UNet left ``requires_grad``.
+
+    The script never freezes the UNet (diffusers#5403), so every step computes its weight gradients,
+    which accumulate (they are in no optimizer, ``zero_grad`` does not clear them).
+    """
     from diffusers import T2IAdapter
 
-    model = container(p).to(device)
-    model = vp.attach(model, "t2i_adapter")
-    set_train_mode(model, True)
-    ids = model.tokenize(["a photo of a cat"] * batch.size)["input_ids"].to(device)
-    unet = model.unet
-    ours = Step(lambda: ours_loss(model, ids, batch, condition=True),
-                [q for q in model.parameters() if q.requires_grad], list(model.parameters()),
-                before=lambda: unet.requires_grad_(False))
-
-    adapter = T2IAdapter(**get_method_kwargs(model)).to(device)
-    adapter.load_state_dict(model.t2i_adapter.state_dict())
-
-    def unfreeze() -> None:
-        unet.requires_grad_(True)  # train_t2i_adapter_sdxl.py never freezes the UNet (diffusers#5403)
-
-    def clear() -> None:
-        # The script keeps accumulating these gradients (they are not in its optimizer); dropping them
-        # here keeps the next step of the other side from running with them allocated.
-        for q in unet.parameters():
-            q.grad = None
-        unet.requires_grad_(False)
-
-    ref = Step(lambda: reference_loss(model.text_encoder, unet, model.noise_scheduler, ids, batch, adapter),
-               list(adapter.parameters()), list(adapter.parameters()) + list(unet.parameters()),
-               before=unfreeze, after=clear)
-    return {"t2i_adapter": ours, "t2i_adapter (UNet not frozen)": ref}
-
-
-def get_method_kwargs(model: nn.Module) -> dict[str, Any]:
-    """The ``T2IAdapter`` arguments the attached ``t2i_adapter`` method resolved."""
+    import visionpeft as vp
     from visionpeft.method import get_state
 
-    return dict(get_state(model).adapters["default"].method.adapter_kwargs)
+    model = vp.attach(container(p), "t2i_adapter")  # for the adapter arguments and weights ours has
+    kwargs = dict(get_state(model).adapters["default"].method.adapter_kwargs)
+    state = {k: v.detach().clone() for k, v in model.t2i_adapter.state_dict().items()}
+    model = vp.detach(model)
+    adapter = T2IAdapter(**kwargs).to(batch.latent_dist.device)
+    adapter.load_state_dict(state)
+    adapter.train()
+    unet = model.unet.requires_grad_(True)
+    unet.train()
+    model.text_encoder.requires_grad_(False)
+    ids = model.tokenize([PROMPT] * batch.size)["input_ids"].to(batch.latent_dist.device)
+    return Step(lambda: reference_loss(model.text_encoder, unet, model.noise_scheduler, ids, batch, adapter),
+                list(adapter.parameters()), list(adapter.parameters()) + list(unet.parameters()))
 
 
-PAIRS = {"textual_inversion": ti_pair, "lora": lora_pair, "t2i_adapter": t2i_pair}
+#: contender name → its step builder
+BUILDERS: dict[str, Callable[[dict[str, Any], Batch], Step]] = {
+    "textual_inversion": ti_ours,
+    "textual_inversion (diffusers)": ti_reference,
+    "lora": lora_ours,
+    "lora (fast path off)": lora_fast_off,
+    "lora (unet.add_adapter)": lora_reference,
+    "t2i_adapter": t2i_ours,
+    "t2i_adapter (UNet not frozen)": t2i_reference,
+    "full unet": full_unet,
+}
 
 
-# --- timing -------------------------------------------------------------------------------------
+def build(name: str, arch: str, batch_size: int, latent: int, device: str) -> tuple[Callable[[], None], dict]:
+    """Contender ``name``'s step on ``arch`` (in its own process) and its info dict."""
+    p, batch = setup(arch, batch_size, latent, device)
+    step = BUILDERS[name](p, batch)
+    return step, step.info
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so that wall times cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# --- groups and the report (in the parent) ------------------------------------------------------
 
 
-def timed(step: Step, device: torch.device) -> tuple[float, int | None]:
-    """Wall time of one step, and on CUDA the allocator's peak above the memory in use before it."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sync(device)
-    start = time.perf_counter()
-    step()
-    sync(device)
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-    return elapsed, peak
+@dataclasses.dataclass
+class Group:
+    """Contenders measured side by side, the reference of their ratios, and how to split them in pairs."""
+
+    names: list[str]
+    reference: str
+    pairs: list[tuple[str, str]]  # (contender, its reference) when fewer processes may live at once
+    target: tuple[str, Callable[[float], bool]] | None = None  # (label, test) of names[0] / reference
 
 
-def run_pair(name: str, arch: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """Measure one pair on one architecture in interleaved rounds; one row per side."""
-    p = parts(arch)
-    latent = args.latent if arch != "tiny" else 16
-    batch = Batch(args.batch if arch != "tiny" else 2, latent, 8 if arch != "tiny" else 2, device)
-    p = {k: (v.to(device) if isinstance(v, nn.Module) else v) for k, v in p.items()}
-    steps = PAIRS[name](p, batch, device)
-    names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    peaks: dict[str, list[int]] = {n: [] for n in names}
-    torch.manual_seed(0)
-    for round_index in range(args.warmup + args.rounds):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for side in order:
-            elapsed, peak = timed(steps[side], device)
-            if round_index >= args.warmup:
-                times[side].append(elapsed)
-                if peak is not None:
-                    peaks[side].append(peak)
-    rows = []
-    for side in names:
-        step = steps[side]
-        rows.append({
-            "arch": arch, "pair": name, "side": side, "trainable": step.trainable,
-            "median_s": statistics.median(times[side]), "min_s": min(times[side]),
-            "state_bytes": step.state_bytes, "grad_bytes": step.grad_bytes,
-            "peak_bytes": statistics.median(peaks[side]) if peaks[side] else None,
-        })
-    ours, ref = rows
-    ours["ratio"] = ours["median_s"] / ref["median_s"]
-    ours["min_ratio"] = ours["min_s"] / ref["min_s"]
-    del steps, p
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+GROUPS: dict[str, Group] = {
+    "textual_inversion": Group(["textual_inversion", "textual_inversion (diffusers)"], "textual_inversion (diffusers)",
+                               [("textual_inversion", "textual_inversion (diffusers)")],
+                               ("<= 0.90x", lambda x: x <= 0.90)),
+    "lora": Group(["lora", "lora (fast path off)", "lora (unet.add_adapter)"], "lora (unet.add_adapter)",
+                  [("lora", "lora (unet.add_adapter)"), ("lora", "lora (fast path off)")],
+                  ("within 5%", lambda x: abs(x - 1) <= 0.05)),
+    "t2i_adapter": Group(["t2i_adapter", "t2i_adapter (UNet not frozen)"], "t2i_adapter (UNet not frozen)",
+                         [("t2i_adapter", "t2i_adapter (UNet not frozen)")]),
+    "full_unet": Group(["lora", "full unet"], "full unet", [("lora", "full unet")]),
+}
+DEFAULT_GROUPS = ["textual_inversion", "lora", "t2i_adapter"]
 
 
-def _mb(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.2f}"
+def check_same_work(results: dict) -> None:
+    """Raise where two sides of a group would not do the same work (token ids, LoRA sizes)."""
+    ti = [results[n].info["input_ids"] for n in ("textual_inversion", "textual_inversion (diffusers)") if n in results]
+    if len(ti) == 2 and ti[0] != ti[1]:
+        raise SystemExit("the two textual inversions must train on the same token ids")
+    lora = {n: results[n].info["trainable"] for n in results if n.startswith("lora")}
+    if len(set(lora.values())) > 1:
+        raise SystemExit(f"the LoRA sides differ in trainable elements: {lora}")
 
 
-def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> str:
-    """The results table, and whether the targets are met."""
-    memory = "CUDA peak MB" if device.type == "cuda" else "-"
-    lines = [
-        f"device {device}, {torch.get_num_threads()} threads; SD 1.5: batch {args.batch}, {args.latent}x{args.latent} "
-        f"latents; tiny: batch 2, 16x16 latents; median of {args.rounds} interleaved rounds after {args.warmup} "
-        "warm-up",
-        f"{'arch':<6}{'method':<32}{'trainable':>12}{'median s':>10}{'ours/ref':>10}{'min s':>9}{'ours/ref':>10}"
-        f"{'opt state B':>14}{'grad B':>14}{memory:>14}",
-    ]
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
-        min_ratio = f"{r['min_ratio']:.2f}x" if "min_ratio" in r else ""
-        lines.append(f"{r['arch']:<6}{r['side']:<32}{r['trainable']:>12,}{r['median_s']:>10.3f}{ratio:>10}"
-                     f"{r['min_s']:>9.3f}{min_ratio:>10}{r['state_bytes']:>14,}{r['grad_bytes']:>14,}"
-                     f"{_mb(r['peak_bytes']):>14}")
-    targets = {"textual_inversion": ("<= 0.90x", lambda x: x <= 0.90),
-               "lora": ("within 5%", lambda x: abs(x - 1) <= 0.05)}
-    for r in rows:
-        if r["pair"] in targets and "ratio" in r:
-            label, ok = targets[r["pair"]]
-            verdict = "met" if ok(r["ratio"]) else "NOT met"
-            lines.append(f"target {r['pair']} ({r['arch']}): {label}: {r['ratio']:.3f}x (median) {verdict}")
-    return "\n".join(lines)
+def columns() -> dict[str, Callable]:
+    """Extra table columns: trainable elements, optimizer state and gradients a step leaves."""
+    return {"trainable": lambda r: fmt_count(r.info["trainable"]),
+            "opt state MiB": lambda r: mib(r.info.get("state_bytes")),
+            "grads MiB": lambda r: mib(r.info.get("grad_bytes"))}
+
+
+def run_group(name: str, arch: str, args: argparse.Namespace) -> list[str]:
+    """Measure group ``name`` on ``arch`` (whole, or pair by pair); the report lines."""
+    group = GROUPS[name]
+    kwargs = {"arch": arch, "batch_size": args.batch, "latent": args.latent, "device": args.device}
+    whole = len(group.names) <= args.max_procs_for(arch)
+    runs = [(group.names, group.reference)] if whole else [([a, b], b) for a, b in group.pairs]
+    lines = []
+    for names, reference in runs:
+        contenders = [Contender(n, build, {"name": n, **kwargs}) for n in names]
+        results = compare(contenders, rounds=args.rounds, warmup=args.warmup, device=args.device, threads=args.threads)
+        check_same_work(results)
+        lines += [f"\n{arch}: {name}, reference (ref): {reference}", table(results, reference, columns(), "ref")]
+        lines += [f"{n}: {results[n].info['lora']}" for n in names if "lora" in results[n].info]
+        if group.target and reference == group.reference:
+            label, ok = group.target
+            median, minimum = ratios(results, reference)[group.names[0]]
+            verdict = "met" if ok(median) else "NOT met"
+            lines.append(f"target {name} ({arch}): {label}: {median:.3f}x (median of rounds; {minimum:.3f}x of "
+                         f"minima) {verdict}")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments (the harness's common ones, the architectures, groups, sizes and the memory limits)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser, rounds=5, warmup=1)
+    parser.add_argument("--archs", default="tiny,sd15", help="comma-separated: tiny, sd15")
+    parser.add_argument("--groups", default=",".join(DEFAULT_GROUPS), help=f"comma-separated: {', '.join(GROUPS)}")
+    parser.add_argument("--latent", type=int, default=None, help="SD 1.5 latent size (default 16 on CPU, 64 on CUDA)")
+    parser.add_argument("--batch", type=int, default=1, help="SD 1.5 batch size")
+    parser.add_argument("--quick", action="store_true", help="the tiny pipeline only, 15 rounds after 3 warm-up")
+    parser.add_argument("--full-unet", action="store_true",
+                        help="add the full_unet group (LoRA / full UNet fine-tuning); SD 1.5 on CPU holds ~14 GB "
+                        "for the full fine-tune: check free memory first")
+    parser.add_argument("--max-procs", type=int, default=2,
+                        help="SD 1.5 on CPU: at most this many contender processes at once (~5 GB each); "
+                        "a larger group runs as pairs")
+    args = parser.parse_args(argv)
+    cuda = resolve_device(args).startswith("cuda")
+    args.latent = args.latent or (64 if cuda else 16)
+    args.archs = ["tiny"] if args.quick else args.archs.split(",")
+    if args.quick:  # tiny steps take ~0.1 s: many rounds are cheap and needed against noise
+        args.rounds, args.warmup = 15, 3
+    args.groups = args.groups.split(",")
+    if args.full_unet and "full_unet" not in args.groups:
+        args.groups.append("full_unet")
+    if "full_unet" in args.groups and not args.full_unet:
+        parser.error("the full_unet group needs --full-unet (it is memory-hungry)")
+    args.max_procs_for = lambda arch: args.max_procs if arch == "sd15" and not cuda else 99
+    return args
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Run the benchmark and print (and return) the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--archs", default="tiny,sd15", help="comma-separated: tiny, sd15")
-    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated: {', '.join(PAIRS)}")
-    parser.add_argument("--latent", type=int, default=None, help="SD 1.5 latent size (default 16 on CPU, 64 on CUDA)")
-    parser.add_argument("--batch", type=int, default=1, help="SD 1.5 batch size")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads; one keeps timings stable on a shared machine (OpenMP threads that lose "
-                        "their core make every other thread wait)")
-    parser.add_argument("--quick", action="store_true", help="the tiny pipeline only, 3 rounds: seconds")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.latent is None:
-        args.latent = 64 if device.type == "cuda" else 16
-    archs = args.archs.split(",")
-    if args.quick:
-        archs, args.rounds = ["tiny"], min(args.rounds, 3)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    rows = []
-    for arch in archs:
-        for name in args.pairs.split(","):
-            rows += run_pair(name, arch, args, device)
-    text = report(rows, args, device)
-    print(text)
-    return text
+    """Run the benchmark and print (and return) the tables."""
+    args = parse(argv)
+    header = (f"device {args.device}; SD 1.5: batch {args.batch}, {args.latent}x{args.latent} latents; tiny: batch 2, "
+              f"16x16 latents\n{describe(args)}")
+    print(header, flush=True)
+    lines = [header]
+    for arch in args.archs:
+        for name in args.groups:
+            lines += run_group(name, arch, args)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

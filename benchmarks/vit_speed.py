@@ -1,186 +1,264 @@
 """Training-step and inference cost of every visionpeft.vit method, next to full fine-tuning.
 
-    python benchmarks/vit_speed.py                       # CPU: vit_small_patch16_224, batch 8, 224 px
-    python benchmarks/vit_speed.py --model vit_base_patch16_224 --batch 64 --precision bf16   # CUDA
+    python benchmarks/vit_speed.py                       # CPU: vit_small_patch16_224, batch 8, 224 px, fp32
+    python benchmarks/vit_speed.py --device cuda         # CUDA: vit_base_patch16_224, batch 64, bf16
 
-Every method trains the same model on the same batch. Steps (forward, backward, optimizer) run in
-interleaved rounds (one step of each method per round, the order rotated every round) after warm-up
-rounds, so that load on a shared machine hits every method alike; the script prints medians and the
-ratio of each median to full fine-tuning's. Memory: on CUDA the allocator's peak during a step; on CPU
-the bytes a step holds beyond the frozen weights (tensors saved for backward, gradients and
-optimizer state), measured with autograd's saved-tensor hooks. Inference: the adapted model's forward
-(merged, for LoRA) relative to the plain model's.
+Every method trains the same model (random weights: speed does not depend on them) on the same
+batch; a step is zero_grad, forward, cross-entropy, backward and AdamW. Each method runs in its own
+process (``benchmarks/harness.py``), the steps interleaved round by round with the order rotated,
+timed as CPU seconds of a single-threaded process on CPU and with CUDA events on CUDA. The tables
+give the median of the per-round ratios to full fine-tuning and the ratio of the minima, and each
+process's peak resident memory, also above its built model (on CUDA, the allocator's peak).
+"lora (peft forward)" is LoRA with visionpeft's fast LoRA path turned off, i.e. peft's own layers.
+
+Inference: a no-grad forward of plain, LoRA unmerged, LoRA merged, AdaptFormer and VPT-deep models,
+relative to the plain model. On CUDA also images/s and model FLOPs utilisation (FLOPs counted with
+``torch.utils.flop_counter.FlopCounterMode`` over one step, against ``--peak-tflops``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import time
-from collections.abc import Callable
+from typing import Any
 
-import torch
-from torch import nn
+from harness import Contender, add_common_args, compare, describe, fmt_count, ratios, resolve_device, spread, table
 
-import visionpeft as vp
-from visionpeft.method import set_train_mode
-
-METHODS: dict[str, dict] = {
-    "full": {},
-    "linear": {},
-    "bitfit": {},
-    "lora": {"r": 8},
-    "vpt-shallow": {"num_tokens": 10, "deep": False},
-    "vpt-deep": {"num_tokens": 10, "deep": True},
-    "adaptformer": {"bottleneck": 64},
+#: contender name → (visionpeft method, its arguments); None is full fine-tuning (no method)
+METHODS: dict[str, tuple[str | None, dict]] = {
+    "full": (None, {}),
+    "linear": ("linear", {}),
+    "bitfit": ("bitfit", {}),
+    "lora": ("lora", {"r": 8}),
+    "lora (peft forward)": ("lora", {"r": 8}),
+    "vpt-shallow": ("vpt", {"num_tokens": 10, "deep": False}),
+    "vpt-deep": ("vpt", {"num_tokens": 10, "deep": True}),
+    "adaptformer": ("adaptformer", {"bottleneck": 64}),
 }
+INFERENCE = ["plain", "lora (unmerged)", "lora (merged)", "adaptformer", "vpt-deep"]
+DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
-def plain_model(model_name: str, size: int, num_classes: int = 10) -> nn.Module:
-    """A fresh timm ViT (random weights: speed does not depend on them)."""
+# --- in the contender's process -------------------------------------------------------------------
+
+
+def plain_model(model_name: str, size: int, num_classes: int = 10) -> Any:
+    """A fresh timm ViT with seeded random weights."""
     import timm
+    import torch
 
     torch.manual_seed(0)
     return timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=size)
 
 
-def build(name: str, model_name: str, size: int) -> nn.Module:
-    """The plain ViT with method ``name`` attached."""
+def set_fast_lora(model: Any, enabled: bool) -> str:
+    """Turn visionpeft's fast LoRA path on or off; says what happened (the switch may not exist yet)."""
+    from visionpeft.generic import lora
+
+    switch = getattr(lora, "set_fast_path", None)
+    if switch is None:
+        return "no set_fast_path in visionpeft.generic.lora: peft's forward either way"
+    switch(model, enabled)
+    is_fast = getattr(getattr(lora, "lora_fast", None), "is_fast", None)
+    count = f" ({sum(map(is_fast, model.modules()))} fast layers)" if is_fast else ""
+    return "fast path " + ("on" if enabled else "off") + count
+
+
+def method_model(name: str, model_name: str, size: int) -> tuple[Any, dict]:
+    """The plain ViT with contender ``name``'s method attached, and notes for the info dict."""
+    import visionpeft as vp
+
+    method, kwargs = METHODS[name]
     model = plain_model(model_name, size)
-    method = name.split("-")[0]
-    return vp.attach(model, method, **METHODS[name])
+    notes: dict = {}
+    if method is not None:
+        model = vp.attach(model, method, **kwargs)
+    if method == "lora":
+        notes["lora"] = set_fast_lora(model, name == "lora")
+    return model, notes
 
 
-class StepMemory:
-    """Bytes a training step holds beyond the frozen weights, on CPU (saved activations + grads + state)."""
+def batch(batch_size: int, size: int, device: str) -> tuple[Any, Any]:
+    """A fixed random batch of images and 10-class labels."""
+    import torch
 
-    def __init__(self) -> None:
-        self.saved = 0
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, nn.Parameter):
-            self.saved += tensor.numel() * tensor.element_size()
-        return tensor
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch_size, 3, size, size, generator=g)
+    labels = torch.randint(0, 10, (batch_size,), generator=g)
+    return images.to(device), labels.to(device)
 
 
-def make_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str) -> Callable[[], float]:
-    """One optimizer step of ``model`` on the batch; returns a closure that runs it and gives its bytes."""
+def autocast(device: str, precision: str) -> Any:
+    """The autocast context of ``precision`` (a no-op context for fp32)."""
+    import torch
+
+    dtype = DTYPES[precision]
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype or "float32"), enabled=dtype is not None)
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker, which fails on VPT's prompt hooks in backward
+    ("Expected gradient function to be set"); only the total is needed here."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def count_flops(step: Any) -> int:
+    """FLOPs of one call of ``step`` (matrix products and convolutions, as FlopCounterMode counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def flops_on_first_call(step: Any, info: dict) -> Any:
+    """``step``, whose first call (a warm-up round) also counts its FLOPs into ``info["flops"]``.
+
+    Counting in the build would run a step there, and its gradients and optimizer state would be in
+    the base memory the harness measures after the build.
+    """
+
+    def wrapped() -> None:
+        if "flops" in info:
+            step()
+        else:
+            info["flops"] = count_flops(step)
+
+    return wrapped
+
+
+def build_train(name: str, model_name: str, size: int, batch_size: int, precision: str, device: str,
+                flops: bool) -> tuple[Any, dict]:
+    """Contender ``name``'s training step (zero_grad, forward, loss, backward, AdamW) and its info."""
+    import torch
+    from torch import nn
+
+    import visionpeft as vp
+    from visionpeft.method import set_train_mode
+
+    model, info = method_model(name, model_name, size)
+    model = model.to(device)
+    set_train_mode(model, True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    set_train_mode(model, True)
+    images, labels = batch(batch_size, size, device)
 
-    def step() -> float:
-        memory = StepMemory()
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autograd.graph.saved_tensors_hooks(memory.pack, lambda t: t), torch.autocast(
-            images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
+        with autocast(device, precision):
             loss = nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
-        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                    if torch.is_tensor(t))
-        grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-        return memory.saved + state + grads
 
-    return step
+    info["trainable"] = vp.summary(model)["trainable"]
+    return (flops_on_first_call(step, info) if flops else step), info
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def build_infer(name: str, model_name: str, size: int, batch_size: int, precision: str, device: str,
+                flops: bool) -> tuple[Any, dict]:
+    """A no-grad forward of inference variant ``name`` (see :data:`INFERENCE`)."""
+    import torch
+
+    import visionpeft as vp
+
+    model = plain_model(model_name, size)
+    info: dict = {}
+    if name.startswith("lora"):
+        model = vp.attach(model, "lora", r=8)
+        info["lora"] = set_fast_lora(model, True)
+        if name == "lora (merged)":
+            model = vp.merge(model)
+    elif name == "adaptformer":
+        model = vp.attach(model, "adaptformer", bottleneck=64)
+    elif name == "vpt-deep":
+        model = vp.attach(model, "vpt", num_tokens=10, deep=True)
+    model = model.to(device).eval()
+    images, _ = batch(batch_size, size, device)
+
+    def step() -> None:
+        with torch.no_grad(), autocast(device, precision):
+            model(images)
+
+    return (flops_on_first_call(step, info) if flops else step), info
 
 
-def timed(fn: Callable[[], float], device: torch.device) -> tuple[float, float]:
-    """Wall time of one call, and its memory (CUDA peak, or the CPU estimate ``fn`` returns)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sync(device)
-    start = time.perf_counter()
-    estimate = fn()
-    sync(device)
-    elapsed = time.perf_counter() - start
-    memory = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else estimate
-    return elapsed, memory
+# --- in the parent --------------------------------------------------------------------------------
 
 
-def train_steps(args: argparse.Namespace, device: torch.device) -> None:
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    labels = torch.randint(0, 10, (args.batch,), device=device)
-    names = [n for n in METHODS if n in args.methods]
-    steps, times, memory, trainable = {}, {n: [] for n in names}, {n: [] for n in names}, {}
-    for name in names:
-        model = build(name, args.model, args.size).to(device)
-        trainable[name] = vp.summary(model)["trainable"]
-        steps[name] = make_step(model, images, labels, args.precision)
-    for round_index in range(args.warmup + args.rounds):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
-        for name in order:
-            elapsed, mem = timed(steps[name], device)
-            if round_index >= args.warmup:
-                times[name].append(elapsed)
-                memory[name].append(mem)
-    full = statistics.median(times["full"]) if "full" in times else None
-    full_mem = statistics.median(memory["full"]) if "full" in memory else None
-    print(f"\ntraining step: {args.model}, batch {args.batch}, {args.size} px, {args.precision}, {device}; "
-          f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds")
-    print(f"{'method':<14}{'trainable':>12}{'median s':>11}{'vs full':>9}{'memory MB':>11}{'vs full':>9}")
-    for name in names:
-        t, m = statistics.median(times[name]), statistics.median(memory[name])
-        ratio = f"{t / full:.2f}x" if full else "-"
-        mratio = f"{m / full_mem:.2f}x" if full_mem else "-"
-        print(f"{name:<14}{trainable[name]:>12,}{t:>11.3f}{ratio:>9}{m / 2**20:>11.1f}{mratio:>9}")
+def extra_columns(args: argparse.Namespace, training: bool) -> dict:
+    """Table columns beyond the harness's: trainable counts, and on CUDA images/s and MFU."""
+    import statistics
+
+    columns = {"trainable": lambda r: fmt_count(r.info.get("trainable", "-"))} if training else {}
+    if args.flops:
+        columns["images/s"] = lambda r: f"{args.batch / statistics.median(r.times):,.0f}"
+        columns["MFU"] = lambda r: f"{r.info['flops'] / statistics.median(r.times) / (args.peak_tflops * 1e12):.1%}"
+        columns["GFLOP/step"] = lambda r: f"{r.info['flops'] / 1e9:,.0f}"
+    return columns
 
 
-def inference(args: argparse.Namespace, device: torch.device) -> None:
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    plain = plain_model(args.model, args.size).to(device).eval()
-    models = {"plain": plain}
-    lora = vp.attach(copy.deepcopy(plain), "lora", r=8)
-    models["lora (unmerged)"] = lora
-    models["lora (merged)"] = vp.merge(vp.attach(copy.deepcopy(plain), "lora", r=8))
-    models["adaptformer"] = vp.attach(copy.deepcopy(plain), "adaptformer")
-    models["vpt-deep"] = build("vpt-deep", args.model, args.size).to(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    times = {n: [] for n in models}
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for round_index in range(args.warmup + args.rounds):
-            names = list(models)
-            order = names[round_index % len(names):] + names[: round_index % len(names)]
-            for name in order:
-                model = models[name].eval()
-                elapsed, _ = timed(lambda m=model: float(m(images).sum()), device)
-                if round_index >= args.warmup:
-                    times[name].append(elapsed)
-    base = statistics.median(times["plain"])
-    print(f"\ninference: batch {args.batch}, median of {args.rounds} interleaved rounds")
-    print(f"{'model':<18}{'median s':>11}{'vs plain':>10}")
-    for name, values in times.items():
-        print(f"{name:<18}{statistics.median(values):>11.4f}{statistics.median(values) / base:>9.3f}x")
+def run(args: argparse.Namespace, names: list[str], build: Any, reference: str, title: str) -> None:
+    """Time ``names`` with ``build`` on the harness and print a table relative to ``reference``."""
+    kwargs = {"model_name": args.model, "size": args.size, "batch_size": args.batch, "precision": args.precision,
+              "device": args.device, "flops": args.flops}
+    contenders = [Contender(n, build, {"name": n, **kwargs}) for n in names]
+    results = compare(contenders, rounds=args.rounds, warmup=args.warmup, device=args.device, threads=args.threads)
+    print(f"\n{title}: {args.model}, batch {args.batch}, {args.size} px, {args.precision}, {args.device}")
+    print(describe(args))
+    print(table(results, reference, extra_columns(args, build is build_train)))
+    notes = sorted({r.info["lora"] for r in results.values() if "lora" in r.info})
+    if notes:
+        print("LoRA: " + "; ".join(notes))
+    if "lora" in results and "lora (peft forward)" in results:
+        median, minimum = ratios(results, "lora (peft forward)")["lora"]
+        low, high = spread(results, "lora", "lora (peft forward)")
+        print(f"lora / lora (peft forward): {median:.3f} (median of rounds, range {low:.2f} to {high:.2f}), "
+              f"{minimum:.3f} (of minima)")
 
 
-def main() -> None:
-    cuda = torch.cuda.is_available()
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments; model, batch and precision default by device (ViT-S fp32 batch 8 on CPU, ViT-B bf16 64 on CUDA)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_base_patch16_224" if cuda else "vit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=64 if cuda else 8)
+    add_common_args(parser)
+    parser.add_argument("--model", default=None, help="timm model (vit_small_patch16_224 on CPU, vit_base on CUDA)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (8 on CPU, 64 on CUDA)")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16" if cuda else "fp32")
-    parser.add_argument("--rounds", type=int, default=10 if cuda else 5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--precision", choices=list(DTYPES), default=None, help="fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated training contenders")
     parser.add_argument("--skip-inference", action="store_true")
-    args = parser.parse_args()
-    args.methods = args.methods.split(",")
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if cuda else "cpu")
-    train_steps(args, device)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the device's dense peak for MFU (989: H100/H200 bf16)")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs on CPU too (always on CUDA)")
+    args = parser.parse_args(argv)
+    cuda = resolve_device(args).startswith("cuda")
+    args.model = args.model or ("vit_base_patch16_224" if cuda else "vit_small_patch16_224")
+    args.batch = args.batch or (64 if cuda else 8)
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.flops = args.flops or cuda
+    if args.flops and args.warmup < 1:
+        parser.error("FLOPs are counted in the first warm-up round: give --warmup 1 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    names = [n for n in args.methods.split(",") if n]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    if not args.skip_training:
+        run(args, names, build_train, "full" if "full" in names else names[0], "training step")
     if not args.skip_inference:
-        inference(args, device)
+        run(args, INFERENCE, build_infer, "plain", "inference (no-grad forward)")
 
 
 if __name__ == "__main__":
