@@ -191,7 +191,9 @@ def summary(model: nn.Module) -> Summary:
     if state is not None:
         for n, a in state.adapters.items():
             tensors = a.method.trained_tensors(model)
-            adapters[n] = {"method": a.method.name, "trainable": sum(t.numel() for t in tensors.values())}
+            # Saved buffers (a batch-norm head's running statistics) are part of the adapter but do not train.
+            count = sum(t.numel() for t in tensors.values() if t.requires_grad or isinstance(t, nn.Parameter))
+            adapters[n] = {"method": a.method.name, "trainable": count}
     return Summary(
         total=total,
         trainable=trainable,

@@ -48,6 +48,10 @@ def head_modules(model: nn.Module, head: str | None) -> list[nn.Module]:
 
 
 def head_tensors(model: nn.Module, head: str, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The copy's parameters keyed as the head's own (``head.weight``, ``head.bias``)."""
+    """The copy's parameters and persistent buffers keyed as the head's own (``head.weight``, ``head.bias``).
+
+    Buffers are the copy's state too (a batch norm's running statistics), so they are saved and
+    loaded with the adapter; a head of parameters alone gives exactly its parameters.
+    """
     copy = model.get_submodule(head).copies[adapter_name]
-    return {f"{head}.{n}": p for n, p in copy.named_parameters()}
+    return {f"{head}.{n}": t for n, t in copy.state_dict(keep_vars=True).items()}

@@ -12,6 +12,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("mlxtend")
 pytest.importorskip("timm")
 
+import visionpeft as vp
 from visionpeft.errors import DataError
 from visionpeft.vit import demo, digits
 
@@ -104,6 +105,35 @@ def test_quick_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     run_dir = out / "runs" / "10-shot" / "linear" / "seed-0"
     assert (run_dir / "adapter" / "adapter.safetensors").is_file()
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_every_image_method_is_in_the_demo():
+    from visionpeft.registry import get_method
+
+    model = demo.Backbone().build()
+    # visionpeft's own methods (a throwaway one another test registers is not the demo's business)
+    shipped = [m.name for m in vp.methods() if get_method(m.name).__module__.startswith("visionpeft.")]
+    image_methods = {name for name in shipped if get_method(name).supports(model)}
+    assert {"ssf", "ia3", "adapter", "prefix", "gated_prompt", "vpt", "adaptformer", "lora"} <= image_methods
+    in_demo = {r.method for r in demo.RECIPES.values()}
+    assert image_methods - in_demo == set(), "add the method to demo.RECIPES"
+    variants = {r.options.get("variant") for r in demo.RECIPES.values() if r.method == "adapter"}
+    assert variants == {"houlsby", "pfeiffer"}
+
+
+def test_the_new_methods_run_through_the_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "cache"))
+    labels = ["ssf", "ia3", "adapter-houlsby", "adapter-pfeiffer", "prefix", "gated-prompt"]
+    out = tmp_path / "demo"
+    assert demo.main(["--quick", "--methods", ",".join(labels), "--output-dir", str(out), "--no-cache"]) == 0
+    rows = _results(out)["rows"]
+    assert sorted({r["method"] for r in rows}) == sorted(labels)
+    full = sum(p.numel() for p in demo.Backbone().build().parameters())
+    for row in rows:
+        assert 0.0 <= row["top1"] <= 1.0 and 0 < row["trainable"] < full
+    table = capsys.readouterr().out
+    assert all(label in table for label in labels)
+    assert (out / demo.CHART_FILE).stat().st_size > 1000
 
 
 def test_pretrained_backbone_is_cached_and_reused(tmp_path, monkeypatch, caplog):

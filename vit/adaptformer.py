@@ -18,7 +18,7 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError
-from visionpeft.vit.base import VitMethod
+from visionpeft.vit.base import HEAD_HELP, HeadRecipe, VitMethod
 from visionpeft.vit.surface import adapted_block, find_vit, release_block
 
 
@@ -31,6 +31,7 @@ class AdaptFormerConfig(MethodConfig):
     learnable_scale: bool = field(False, help="learn s (one scalar per block), starting at 1.0 as the original")
     dropout: float = field(0.1, help="dropout on the bottleneck activation", ge=0, lt=1)
     layers: list[int] | None = field(None, help="block indices to adapt; default: every block")
+    head: HeadRecipe = field("plain", help=HEAD_HELP)
 
     def check(self) -> None:
         if self.learnable_scale and self.scale != 0.1:

@@ -21,7 +21,7 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError, UnsupportedModelError
-from visionpeft.vit.base import VitMethod
+from visionpeft.vit.base import HEAD_HELP, HeadRecipe, VitMethod
 from visionpeft.vit.surface import adapted_block, every_block, find_vit, num_extra_tokens, release_block
 
 
@@ -36,6 +36,7 @@ class STAdapterConfig(MethodConfig):
         ["before_mlp"], help="where in each block: before_mlp (K400 recipe), add before_attn for SSv2"
     )
     layers: int | None = field(None, help="adapt the last N blocks; default: all", ge=1)
+    head: HeadRecipe = field("plain", help=HEAD_HELP)
 
     def check(self) -> None:
         if len(self.kernel_size) != 3 or any(k % 2 == 0 for k in self.kernel_size):

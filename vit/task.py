@@ -18,6 +18,10 @@ Common options: ``image_size`` (default: the model's own input size), ``normaliz
 (override the format's), ``skip_bad`` (drop unreadable images and report how many),
 ``num_classes`` (default: from the data). :class:`VitData` declares them all, with their types and
 bounds; a format's own key given for another format is refused with the keys that format takes.
+
+``train.recipe`` presets the schedule of a paper (``vpt``, ``noah``, ``adaptformer``, ``st_adapter``);
+the ``vpt``, ``adaptformer`` and ``st_adapter`` recipes also build their paper's head
+(:data:`RECIPE_HEADS`) for a method whose config has a ``head`` field the user left unset.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import visionpeft as vp
-from visionpeft.config import field
+from visionpeft.config import field, offer
 from visionpeft.errors import ConfigError
 from visionpeft.task import DataConfig, Task
 
@@ -90,7 +94,19 @@ RECIPES: dict[str, dict[str, Any]] = {
     # NOAH / V-PETL Bench: AdamW lr 1e-3, weight decay 1e-4, batch 64, 100 epochs, 10 warmup, min lr 1e-5.
     "noah": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100,
              "warmup_epochs": 10, "scheduler": "cosine", "min_lr": 1e-5},
+    # ShoufaChen/AdaptFormer main_image.py + README: SGD momentum 0.9, blr 0.1 x batch / 256, no weight decay,
+    # 100 epochs with 20 warmup, half-cycle cosine to 0, 128 images per GPU (x 8 GPUs in the README).
+    "adaptformer": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.1, "scale_lr": True, "weight_decay": 0.0,
+                    "batch_size": 128, "epochs": 100, "warmup_epochs": 20, "scheduler": "cosine", "min_lr": 0.0},
+    # linziyi96/st-adapter main.py + the K400 script: AdamW, blr 1e-3 x batch / 256, weight decay 0.01 (none on
+    # biases), 2 warmup epochs then cosine, 64 clips per GPU, 12 epochs (the SSv2 script trains 50).
+    "st_adapter": {"optimizer": "adamw", "lr": 1e-3, "scale_lr": True, "weight_decay": 0.01, "batch_size": 64,
+                   "epochs": 12, "warmup_epochs": 2, "scheduler": "cosine"},
 }
+#: the head each recipe builds (``visionpeft.vit.base.HEAD_RECIPES``), offered to every method config that has
+#: a ``head`` field the user left unset: a recipe is its paper's whole protocol, head included (VPT's code
+#: builds its head so for every transfer type, its baselines too). Without a recipe the head is the model's own.
+RECIPE_HEADS: dict[str, str] = {"vpt": "vpt", "adaptformer": "adaptformer", "st_adapter": "st_adapter"}
 
 
 class VitTask(Task):
@@ -208,7 +224,14 @@ class VitTask(Task):
             backbone = VideoClassifier(backbone, self.data.num_frames)
         if adapter is not None:
             return vp.load(backbone, adapter)
-        return vp.attach(backbone, self.run.method)
+        return vp.attach(backbone, self.method_config())
+
+    def method_config(self) -> Any:
+        """The run's method config, with the head of ``train.recipe`` offered (:data:`RECIPE_HEADS`)."""
+        head = RECIPE_HEADS.get(self.run.train.recipe or "")
+        if head is None:
+            return self.run.method
+        return offer(self.run.method, self.run.method_keys, head=head)
 
     def _check_image_size(self, vit: nn.Module) -> int:
         """The input size: ``data.image_size`` (checked against the model's) or the model's own."""

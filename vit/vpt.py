@@ -22,7 +22,7 @@ from torch import nn
 
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import AdapterError
-from visionpeft.vit.base import VitMethod
+from visionpeft.vit.base import HEAD_HELP, HeadRecipe, VitMethod
 from visionpeft.vit.surface import drop_extra_tokens, find_vit, num_extra_tokens, patch_size, set_extra_tokens
 
 
@@ -34,6 +34,7 @@ class VPTConfig(MethodConfig):
     deep: bool = field(False, help="deep VPT: new prompts before every block; shallow: only at the input")
     dropout: float = field(0.0, help="dropout on the prompts (the VPT demo uses 0.1 for deep, 0 for shallow)",
                            ge=0, lt=1)
+    head: HeadRecipe = field("plain", help=HEAD_HELP)
 
 
 class VisualPrompts(nn.Module):
