@@ -33,7 +33,18 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "vpt-shallow": ("vpt", {"num_tokens": 10, "deep": False}),
     "vpt-deep": ("vpt", {"num_tokens": 10, "deep": True}),
     "adaptformer": ("adaptformer", {"bottleneck": 64}),
+    "ssf": ("ssf", {}),
+    "ia3": ("ia3", {}),
+    "adapter-houlsby": ("adapter", {"variant": "houlsby"}),
+    "adapter-pfeiffer": ("adapter", {"variant": "pfeiffer"}),
+    "prefix": ("prefix", {"num_tokens": 10}),
+    "gated-prompt": ("gated_prompt", {"num_tokens": 10}),
+    "lora-dora": ("lora", {"r": 8, "dora": True}),
 }
+#: Trained by default: each contender is a process of about 1-2 GB, so the newer methods are a
+#: second run (``--methods full,ssf,ia3,...`` or ``--methods newer``).
+DEFAULT_TRAIN = ["full", "linear", "bitfit", "lora", "lora (peft forward)", "vpt-shallow", "vpt-deep", "adaptformer"]
+NEWER = ["full", "ssf", "ia3", "adapter-houlsby", "adapter-pfeiffer", "prefix", "gated-prompt", "lora-dora"]
 INFERENCE = ["plain", "lora (unmerged)", "lora (merged)", "adaptformer", "vpt-deep"]
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -232,7 +243,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="batch size (8 on CPU, 64 on CUDA)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--precision", choices=list(DTYPES), default=None, help="fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated training contenders")
+    parser.add_argument("--methods", default=",".join(DEFAULT_TRAIN),
+                        help=f"comma-separated training contenders, or 'newer' ({','.join(NEWER)}); known: "
+                        f"{', '.join(METHODS)}")
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
@@ -251,7 +264,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    names = [n for n in args.methods.split(",") if n]
+    names = NEWER if args.methods == "newer" else [n for n in args.methods.split(",") if n]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
