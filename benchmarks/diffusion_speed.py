@@ -276,16 +276,12 @@ def lora_ours(p: dict[str, Any], batch: Batch, fast: bool = True) -> Step:
 
 
 def set_fast_lora(model: nn.Module, enabled: bool) -> str:
-    """Turn visionpeft's fast LoRA path on or off; says what happened (the switch may not exist yet)."""
-    from visionpeft.generic import lora
+    """Turn visionpeft's fast LoRA path on or off; says how many layers have it."""
+    from visionpeft.generic import lora, lora_fast
 
-    switch = getattr(lora, "set_fast_path", None)
-    if switch is None:
-        return "no set_fast_path in visionpeft.generic.lora: peft's forward either way"
-    switch(model, enabled)
-    is_fast = getattr(getattr(lora, "lora_fast", None), "is_fast", None)
-    count = f" ({sum(map(is_fast, model.modules()))} fast layers)" if is_fast else ""
-    return "fast path " + ("on" if enabled else "off") + count
+    lora.set_fast_path(model, enabled)
+    count = sum(map(lora_fast.is_fast, model.modules()))
+    return f"fast path {'on' if enabled else 'off'} ({count} fast layers)"
 
 
 def lora_fast_off(p: dict[str, Any], batch: Batch) -> Step:

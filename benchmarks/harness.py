@@ -199,7 +199,9 @@ def _worker(conn: Any, contender: Contender, device: str, threads: int) -> None:
 
         gc.collect()
         base = current_rss()
-        reset_peak_rss()
+        if not reset_peak_rss():
+            print(f"harness: {contender.name}: cannot reset the peak RSS; its peak includes the build",
+                  file=sys.stderr)
         conn.send(("ready", base, info))  # info too: an info that cannot be pickled fails here, not at the end
         timer = _Timer(device)
         while True:

@@ -147,8 +147,8 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every attached adapter into the base weights and return the plain model.
 
-    Only mergeable methods (LoRA, BitFit) can be merged; if any attached adapter is not, nothing
-    changes and :class:`~visionpeft.errors.AdapterError` names it.
+    Only mergeable methods (LoRA, BitFit, SSF, (IA)³, the linear probe) can be merged; if any
+    attached adapter is not, nothing changes and :class:`~visionpeft.errors.AdapterError` names it.
     """
     state = _require_state(model, "merge")
     blocked = [f"{n} ({a.method.name})" for n, a in state.adapters.items() if not a.method.mergeable]

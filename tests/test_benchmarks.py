@@ -123,7 +123,8 @@ def test_vit_builds_run_and_report_trainable_and_flops(one_thread):
         step()
         step()
         assert infos[name]["trainable"] > 0 and infos[name]["flops"] > 0, name
-    assert "fast path off" in infos["lora (peft forward)"]["lora"] or "no set_fast_path" in infos["lora"]["lora"]
+    assert infos["lora (peft forward)"]["lora"] == "fast path off (0 fast layers)"
+    assert infos["lora"]["lora"].startswith("fast path on (") and not infos["lora"]["lora"].endswith("(0 fast layers)")
     step, _ = vit_speed.build_infer("lora (merged)", "vit_tiny_patch16_224", 32, 2, "fp32", "cpu", flops=False)
     step()
 

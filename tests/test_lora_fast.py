@@ -217,3 +217,45 @@ def test_merge_and_detach_leave_plain_linear_layers():
     model = _trained_lora()
     assert vp.detach(copy.deepcopy(model)).blocks[0].attn.qkv.__class__ is nn.Linear
     assert vp.merge(model).blocks[0].attn.qkv.__class__ is nn.Linear
+
+
+def test_per_backend_precision_api_takes_peft_s_forward(merged_calls):
+    """torch's per-backend fp32 precision (here oneDNN's bf16 matmuls) is low precision, and the legacy query raises."""
+    model = _trained_lora()
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        _grads(model, torch.randn(6, 3, 32, 32))
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+    assert not merged_calls
+
+
+def test_hooks_and_forward_mode_ad_take_peft_s_forward(merged_calls):
+    model = _trained_lora()
+    images = torch.randn(6, 3, 32, 32)
+    seen = []
+    handle = model.blocks[0].attn.qkv.lora_A["default"].register_forward_hook(lambda *_: seen.append(1))
+    _grads(model, images)
+    handle.remove()
+    assert seen and len(merged_calls) == 7  # the hooked layer ran peft's forward, its hook with it
+    merged_calls.clear()
+    glob = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        _grads(model, images)
+    finally:
+        glob.remove()
+    assert not merged_calls
+    import torch.autograd.forward_ad as fwad
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layer = nn.Sequential(nn.Linear(12, 7))  # timm's attention has no forward AD on CPU: one layer
+    inject_adapter_in_model(LoraConfig(r=3, lora_alpha=3, target_modules=["0"]), layer)
+    layer[0].base_layer.requires_grad_(False)
+    lora_fast.enable(layer)
+    x = torch.randn(64, 12)
+    layer(x).sum().backward()
+    assert len(merged_calls) == 1
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(layer(fwad.make_dual(x, torch.randn_like(x)))).tangent
+    assert tangent is not None and len(merged_calls) == 1

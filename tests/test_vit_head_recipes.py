@@ -298,3 +298,12 @@ def test_a_mergeable_method_folds_its_recipe_head_on_merge():
     assert set(merged.state_dict()) == set(image_model().state_dict())
     with torch.no_grad():
         assert torch.allclose(merged(x), expected, atol=1e-5)
+
+
+def test_a_training_batch_of_one_through_the_batch_norm_head_is_a_clear_error():
+    from visionpeft.errors import ConfigError
+
+    model = build("adaptformer", "adaptformer")
+    set_train_mode(model, True)
+    with pytest.raises(ConfigError, match="train.drop_last"):
+        model(inputs("adaptformer", batch=1))

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from visionpeft.errors import UnsupportedModelError
+from visionpeft.errors import ConfigError, UnsupportedModelError
 from visionpeft.head import attach_head, detach_head, head_modules, head_tensors, merge_head
 from visionpeft.method import Method
 from visionpeft.vit.surface import SUPPORTED, check_blocks, find_vit, vit_prefix
@@ -58,6 +58,11 @@ class RecipeHead(nn.Module):
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and isinstance(self.before, nn.BatchNorm1d) and x.shape[0] < 2:
+            raise ConfigError(
+                "method.head: the adaptformer head's batch norm needs at least 2 images per training batch, got 1; "
+                "set train.drop_last: true or a train.batch_size that leaves no batch of one"
+            )
         return self.linear(self.before(x))
 
     def merged(self) -> nn.Linear:

@@ -12,7 +12,8 @@ The tower runs only up to the last end-of-text (EOT) token of the batch, not ove
 positions: under CLIP's causal mask no position after a sequence's EOT reaches the EOT, where the
 feature is read, so the prompts' 10-20 tokens give the same features at a fraction of the cost,
 to float rounding (about 1e-6: the matrix products are shorter). The zero-shot method runs the
-same cut, so CoOp from "a photo of a" equals it bit for bit. ``full_length=True`` runs all
+same cut, so CoOp from "a photo of a" equals it bit for bit (while the classifier's prompts fit in
+one call of ``TEXT_BATCH``; each call is cut to its own longest prompt). ``full_length=True`` runs all
 positions, which is ``encode_text`` bit for bit; towers without a causal mask, or whose pooling
 reads another position, always run the full length (:func:`sequence_length`).
 """

@@ -18,7 +18,8 @@ subclass whose ``forward`` takes this path when it applies, and :func:`disable` 
 The path applies to a ``peft.tuners.lora.Linear`` over a plain ``nn.Linear`` with a frozen weight,
 while gradients are enabled, with exactly one active adapter that is vanilla LoRA (no DoRA or
 other variant, no LoRA bias) with no dropout in effect (``p = 0`` or the dropout module in eval
-mode), not merged, not disabled, with no ``adapter_names`` mixed batch, no hooks on the base layer,
+mode), not merged, not disabled, with no ``adapter_names`` mixed batch, no forward hooks on the
+layer's parts (nor global ones), no forward-mode AD tangents,
 input and weights all fp32 (or fp64) at full matmul precision (in bf16, fp16 or TF32 the merged
 weight would round small updates away), and a batch with rows enough to pay for forming the
 merged weight (:data:`MIN_ROWS_FACTOR`). Everywhere else, including conv and embedding layers,
@@ -88,8 +89,9 @@ def _single_adapter(layer: nn.Module) -> str | None:
     if layer.lora_B[name].bias is not None or not _no_dropout(layer.lora_dropout[name]):
         return None
     base = layer.base_layer
-    if type(base) is not nn.Linear or base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks \
-            or hasattr(base, "_hf_hook"):
+    if type(base) is not nn.Linear or base.weight.requires_grad or hasattr(base, "_hf_hook"):
+        return None
+    if _hooked(base, layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]):
         return None
     return name
 
@@ -122,7 +124,30 @@ def _full_precision(x: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors):
         return False
-    return x.dtype == torch.float64 or torch.get_float32_matmul_precision() == "highest"
+    if x.dtype == torch.float64:
+        return True
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:
+        # Precision set through the per-backend API (``torch.backends.*.fp32_precision``), which the
+        # legacy query refuses to summarise: peft's forward is right at any precision.
+        return False
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook would run on any of ``modules`` (the path calls none of their forwards)."""
+    from torch.nn.modules import module as module_state
+
+    if getattr(module_state, "_global_forward_hooks", None) or getattr(module_state, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _dual(*tensors: torch.Tensor) -> bool:
+    """Whether forward-mode AD carries a tangent on any of ``tensors`` (the function defines no ``jvp``)."""
+    from torch.autograd.forward_ad import unpack_dual
+
+    return any(unpack_dual(t).tangent is not None for t in tensors)
 
 
 def fast_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -138,7 +163,7 @@ def fast_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not (lora_a.requires_grad or lora_b.requires_grad or x.requires_grad):
         return None
     tensors = [weight, lora_a, lora_b] + ([bias] if bias is not None else [])
-    if not enough_rows(x, weight) or not _full_precision(x, tensors):
+    if not enough_rows(x, weight) or not _full_precision(x, tensors) or _dual(x, *tensors):
         return None
     with torch.autocast(x.device.type, enabled=False):
         return MergedLoRALinear.apply(x, weight, bias, lora_a, lora_b, float(layer.scaling[name]))
