@@ -40,11 +40,17 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "prefix": ("prefix", {"num_tokens": 10}),
     "gated-prompt": ("gated_prompt", {"num_tokens": 10}),
     "lora-dora": ("lora", {"r": 8, "dora": True}),
+    # Video: one clip of FRAMES frames per 8 images of the batch, through VideoClassifier.
+    "video-full": (None, {}),
+    "video-st-adapter": ("st_adapter", {}),
+    "video-aim": ("aim", {}),
 }
+FRAMES = 8
 #: Trained by default: each contender is a process of about 1-2 GB, so the newer methods are a
 #: second run (``--methods full,ssf,ia3,...`` or ``--methods newer``).
 DEFAULT_TRAIN = ["full", "linear", "bitfit", "lora", "lora (peft forward)", "vpt-shallow", "vpt-deep", "adaptformer"]
 NEWER = ["full", "ssf", "ia3", "adapter-houlsby", "adapter-pfeiffer", "prefix", "gated-prompt", "lora-dora"]
+VIDEO = ["video-full", "video-st-adapter", "video-aim"]
 INFERENCE = ["plain", "lora (unmerged)", "lora (merged)", "adaptformer", "vpt-deep"]
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -76,6 +82,10 @@ def method_model(name: str, model_name: str, size: int) -> tuple[Any, dict]:
 
     method, kwargs = METHODS[name]
     model = plain_model(model_name, size)
+    if name.startswith("video-"):
+        from visionpeft.vit.video import VideoClassifier
+
+        model = VideoClassifier(model, FRAMES)
     notes: dict = {}
     if method is not None:
         model = vp.attach(model, method, **kwargs)
@@ -84,13 +94,14 @@ def method_model(name: str, model_name: str, size: int) -> tuple[Any, dict]:
     return model, notes
 
 
-def batch(batch_size: int, size: int, device: str) -> tuple[Any, Any]:
-    """A fixed random batch of images and 10-class labels."""
+def batch(batch_size: int, size: int, device: str, video: bool = False) -> tuple[Any, Any]:
+    """A fixed random batch of images (or of clips with as many frames in all) and 10-class labels."""
     import torch
 
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(batch_size, 3, size, size, generator=g)
-    labels = torch.randint(0, 10, (batch_size,), generator=g)
+    shape = (max(1, batch_size // FRAMES), FRAMES, 3, size, size) if video else (batch_size, 3, size, size)
+    images = torch.randn(*shape, generator=g)
+    labels = torch.randint(0, 10, (shape[0],), generator=g)
     return images.to(device), labels.to(device)
 
 
@@ -156,7 +167,7 @@ def build_train(name: str, model_name: str, size: int, batch_size: int, precisio
     set_train_mode(model, True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    images, labels = batch(batch_size, size, device)
+    images, labels = batch(batch_size, size, device, video=name.startswith("video-"))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -240,7 +251,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--precision", choices=list(DTYPES), default=None, help="fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--methods", default=",".join(DEFAULT_TRAIN),
-                        help=f"comma-separated training contenders, or 'newer' ({','.join(NEWER)}); known: "
+                        help=f"comma-separated training contenders, 'newer' ({','.join(NEWER)}) or 'video' "
+                        f"({','.join(VIDEO)}: clips of {FRAMES} frames, as many frames as --batch images); known: "
                         f"{', '.join(METHODS)}")
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
@@ -260,12 +272,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    names = NEWER if args.methods == "newer" else [n for n in args.methods.split(",") if n]
+    groups = {"newer": NEWER, "video": VIDEO}
+    names = groups.get(args.methods) or [n for n in args.methods.split(",") if n]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     if not args.skip_training:
-        run(args, names, build_train, "full" if "full" in names else names[0], "training step")
+        reference = next((n for n in ("full", "video-full") if n in names), names[0])
+        run(args, names, build_train, reference, "training step")
     if not args.skip_inference:
         run(args, INFERENCE, build_infer, "plain", "inference (no-grad forward)")
 
