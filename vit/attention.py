@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionpeft.errors import UnsupportedModelError
+from visionpeft.vit.base import VitMethod
 from visionpeft.vit.sites import LayerWrapper, Site, block_site
+from visionpeft.vit.surface import SUPPORTED, find_vit
 
 #: ``() -> (keys, values)``, each ``(P, attn_dim)``.
 PrefixSource = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -164,3 +166,21 @@ def check_attention(vit: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` unless every block has timm's ``Attention``."""
     for i in range(len(vit.blocks)):
         attention_site(vit, i)
+
+
+class AttentionMethod(VitMethod):
+    """A vit method that extends timm's ``Attention`` through :class:`ExtendedAttention` (prefix, gated prompts)."""
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        if not super().supports(model):
+            return False
+        try:
+            check_attention(find_vit(model))
+        except UnsupportedModelError:
+            return False
+        return True
+
+    @classmethod
+    def supported_families(cls) -> list[str]:
+        return [f"{SUPPORTED}, built with timm's Attention"]

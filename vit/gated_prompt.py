@@ -35,8 +35,7 @@ from torch import nn
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError, UnsupportedModelError
 from visionpeft.vit import attention
-from visionpeft.vit.base import VitMethod
-from visionpeft.vit.surface import SUPPORTED, find_vit
+from visionpeft.vit.surface import find_vit
 
 MODULES_ATTR = "gated_prompts"
 
@@ -73,27 +72,13 @@ def prompt_keys_values(attn: nn.Module, prompts: torch.Tensor) -> tuple[torch.Te
     return attn.k_norm(kv[1]), kv[2]
 
 
-class GatedPrompt(VitMethod):
+class GatedPrompt(attention.AttentionMethod):
     """Zero-gated prompt attention in the top blocks of a timm ViT: an exact identity at attach."""
 
     name = "gated_prompt"
     description = "LLaMA-Adapter's zero-init gated prompts in the top blocks' attention (timm ViTs); + head"
     Config = GatedPromptConfig
     starts_as_identity = True
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        if not super().supports(model):
-            return False
-        try:
-            attention.check_attention(find_vit(model))
-        except UnsupportedModelError:
-            return False
-        return True
-
-    @classmethod
-    def supported_families(cls) -> list[str]:
-        return [f"{SUPPORTED}, built with timm's Attention"]
 
     def _module(self, model: nn.Module) -> GatedPrompts:
         return getattr(find_vit(model), MODULES_ATTR)[self.adapter_name]

@@ -38,8 +38,7 @@ from visionpeft.config import MethodConfig, field
 from visionpeft.errors import AdapterError, UnsupportedModelError
 from visionpeft.method import RunInfo, get_state
 from visionpeft.vit import attention
-from visionpeft.vit.base import VitMethod
-from visionpeft.vit.surface import SUPPORTED, find_vit
+from visionpeft.vit.surface import find_vit
 
 MODULES_ATTR = "prefix_tuning"
 FOLDED_DIR = "adapter_folded"
@@ -103,27 +102,13 @@ def prefix_modules(vit: nn.Module) -> nn.ModuleDict:
     return getattr(vit, MODULES_ATTR)
 
 
-class PrefixTuning(VitMethod):
+class PrefixTuning(attention.AttentionMethod):
     """Learned key and value prefixes in every attention of a timm ViT."""
 
     name = "prefix"
     description = "prefix tuning: learned keys and values before the tokens' in each attention (timm ViTs); + head"
     Config = PrefixConfig
     starts_as_identity = False
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        if not super().supports(model):
-            return False
-        try:
-            attention.check_attention(find_vit(model))
-        except UnsupportedModelError:
-            return False
-        return True
-
-    @classmethod
-    def supported_families(cls) -> list[str]:
-        return [f"{SUPPORTED}, built with timm's Attention"]
 
     def _module(self, model: nn.Module) -> FlatPrefixes | ReparamPrefixes:
         return getattr(find_vit(model), MODULES_ATTR)[self.adapter_name]

@@ -209,26 +209,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def enable(model: nn.Module) -> int:
-    """Give every peft LoRA ``Linear`` in ``model`` the merged-weight training path; the number of layers changed."""
-    base, fast = _peft_linear(), fast_class()
+def _swap_class(model: nn.Module, old: type, new: type) -> int:
     changed = 0
     for module in model.modules():
-        if type(module) is base:
-            module.__class__ = fast
+        if type(module) is old:
+            module.__class__ = new
             changed += 1
     return changed
+
+
+def enable(model: nn.Module) -> int:
+    """Give every peft LoRA ``Linear`` in ``model`` the merged-weight training path; the number of layers changed."""
+    return _swap_class(model, _peft_linear(), fast_class())
 
 
 def disable(model: nn.Module) -> int:
     """Give every fast layer in ``model`` peft's own ``forward`` back; the number of layers changed."""
-    base, fast = _peft_linear(), fast_class()
-    changed = 0
-    for module in model.modules():
-        if type(module) is fast:
-            module.__class__ = base
-            changed += 1
-    return changed
+    return _swap_class(model, fast_class(), _peft_linear())
 
 
 def is_fast(module: nn.Module) -> bool:
