@@ -9,7 +9,8 @@ freezing policy, the bookkeeping of several adapters, saving and loading are don
 Tasks and the trainer never ask which method they run; they ask the method through a few hooks
 whose defaults do nothing: :meth:`Method.check_run` (refuse a run setting the method cannot use),
 :meth:`Method.no_weight_decay` (trained tensors that get no weight decay), :meth:`Method.export`
-(the files its users' tools read) and :meth:`Method.train_modules`. What a method needs from a
+(the files its users' tools read), :meth:`Method.train_modules` and :meth:`Method.loss_term` (a
+term the trainer adds to the task's loss). What a method needs from a
 task it declares as fields of its ``Config``: a task offers values (CLIP's class names, say) to
 every config that has a field of that name (:func:`visionpeft.config.offer`).
 """
@@ -152,6 +153,25 @@ class Method:
         dropout or drop-path) return their own modules here; see :func:`set_train_mode`.
         """
         return None
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """A term of this method's training objective to add to the task's loss, or ``None`` (the default).
+
+        The trainer calls it once per training micro-batch, right after the task's loss (inside the
+        same autocast), and adds the result: the objective is ``task loss + sum of the attached
+        methods' terms``. The forward of that micro-batch has just run on ``model`` (the unwrapped
+        adapted model), so a method may read what that forward computed instead of computing it again.
+        """
+        return None
+
+
+def add_loss_terms(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` plus the :meth:`Method.loss_term` of every adapter attached to ``model`` (``loss`` if none has one)."""
+    for method in attached_methods(model):
+        term = method.loss_term(model)
+        if term is not None:
+            loss = loss + term
+    return loss
 
 
 @dataclass(frozen=True)

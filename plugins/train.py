@@ -42,7 +42,7 @@ from visionpeft.checkpoints import ADAPTER_DIR, CHECKPOINTS_DIR, save_adapters
 from visionpeft.errors import NonFiniteLossError, TrainingError
 from visionpeft.hosts import enable_gradient_checkpointing
 from visionpeft.inject import count_parameters
-from visionpeft.method import RunInfo, attached_methods, set_train_mode
+from visionpeft.method import RunInfo, add_loss_terms, attached_methods, set_train_mode
 from visionpeft.optim import build_optimizer, build_scheduler, trainables_to_fp32
 from visionpeft.runconfig import TrainConfig
 from visionpeft.task import Task
@@ -327,7 +327,7 @@ class Trainer:
                         sync = micro == count - 1
                         with contextlib.nullcontext() if sync else acc.no_sync(wrapped):
                             with self._autocast():
-                                loss = self.task.loss(wrapped, batch)
+                                loss = add_loss_terms(self.model, self.task.loss(wrapped, batch))
                             value = self._checked_loss(loss, epoch, self.batch_in_epoch + micro)
                             # The mean over the step's micro-batches (fewer in an epoch's last step).
                             loss = loss / count

@@ -135,6 +135,8 @@ ATTACH_KWARGS: dict[str, dict[str, Any]] = {
     "cocoop": {"classnames": ["dog", "cat", "golden_retriever"], "text_chunk_size": 4},
     "maple": {"classnames": ["dog", "cat", "golden_retriever"], "prompt_depth": 2},
     "zeroshot": {"classnames": ["dog", "cat", "golden_retriever"]},
+    "clip_adapter": {"classnames": ["dog", "cat", "golden_retriever"]},
+    "kgcoop": {"classnames": ["dog", "cat", "golden_retriever"]},
 }
 
 METHODS = [m.name for m in vp.methods()]
