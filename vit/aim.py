@@ -188,19 +188,10 @@ class AIM(VitMethod):
     description = "AIM temporal / spatial / joint adapters for video (timm ViT in a VideoClassifier); adapters + head"
     Config = AIMConfig
     needs_standard_blocks = True
+    video = True
     starts_as_identity = True
     _spatial: tuple[tuple[Site, SpatialAdaptation], ...] = ()
     _hook = None
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        from visionpeft.vit.video import VideoClassifier
-
-        return isinstance(model, VideoClassifier) and super().supports(model)
-
-    @classmethod
-    def supported_families(cls) -> list[str]:
-        return ["visionpeft.vit.VideoClassifier around a timm VisionTransformer (video clips (B, T, C, H, W))"]
 
     def _width(self, dim: int) -> int:
         width = int(dim * self.config.mlp_ratio)

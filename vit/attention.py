@@ -32,7 +32,7 @@ from torch import nn
 from visionpeft.errors import UnsupportedModelError
 from visionpeft.vit.base import VitMethod
 from visionpeft.vit.sites import LayerWrapper, Site, block_site
-from visionpeft.vit.surface import SUPPORTED, find_vit
+from visionpeft.vit.surface import SUPPORTED
 
 #: ``() -> (keys, values)``, each ``(P, attn_dim)``.
 PrefixSource = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -172,14 +172,8 @@ class AttentionMethod(VitMethod):
     """A vit method that extends timm's ``Attention`` through :class:`ExtendedAttention` (prefix, gated prompts)."""
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        if not super().supports(model):
-            return False
-        try:
-            check_attention(find_vit(model))
-        except UnsupportedModelError:
-            return False
-        return True
+    def check_vit(cls, vit: nn.Module) -> None:
+        check_attention(vit)
 
     @classmethod
     def supported_families(cls) -> list[str]:

@@ -138,21 +138,35 @@ class VitMethod(Method):
 
     domain = "vit"
     needs_standard_blocks = False
+    #: a video method adapts a timm ViT inside a :class:`~visionpeft.vit.video.VideoClassifier`, and only there
+    video = False
     trains_head_copy = True
     _head: str | None = None
 
     @classmethod
+    def check_vit(cls, vit: nn.Module) -> None:
+        """Raise :class:`UnsupportedModelError` when the method cannot adapt ``vit`` (a layer it needs is missing)."""
+
+    @classmethod
     def supports(cls, model: nn.Module) -> bool:
+        if cls.video:
+            from visionpeft.vit.video import VideoClassifier
+
+            if not isinstance(model, VideoClassifier):
+                return False
         try:
             vit = find_vit(model)
             if cls.needs_standard_blocks:
                 check_blocks(vit)
+            cls.check_vit(vit)
         except UnsupportedModelError:
             return False
         return True
 
     @classmethod
     def supported_families(cls) -> list[str]:
+        if cls.video:
+            return ["visionpeft.vit.VideoClassifier around a timm VisionTransformer (video clips (B, T, C, H, W))"]
         return [SUPPORTED]
 
     def insert(self, model: nn.Module) -> None:

@@ -119,14 +119,8 @@ class IA3(VitMethod):
     _wrappers: tuple[tuple[Site, KeyValueScale, Site, InputScale], ...] = ()
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        if not super().supports(model):
-            return False
-        try:
-            ia3_sites(find_vit(model))
-        except UnsupportedModelError:
-            return False
-        return True
+    def check_vit(cls, vit: nn.Module) -> None:
+        ia3_sites(vit)
 
     @classmethod
     def supported_families(cls) -> list[str]:

@@ -121,14 +121,8 @@ class SSF(VitMethod):
     _wrappers: tuple[tuple[Site, ScaleShift], ...] = ()
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        if not super().supports(model):
-            return False
-        try:
-            ssf_sites(find_vit(model))
-        except UnsupportedModelError:
-            return False
-        return True
+    def check_vit(cls, vit: nn.Module) -> None:
+        ssf_sites(vit)
 
     @classmethod
     def supported_families(cls) -> list[str]:

@@ -98,17 +98,8 @@ class STAdapter(VitMethod):
     description = "ST-Adapter depth-wise Conv3d adapters for video (timm ViT in a VideoClassifier); adapters + head"
     Config = STAdapterConfig
     needs_standard_blocks = True
+    video = True
     starts_as_identity = True
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        from visionpeft.vit.video import VideoClassifier
-
-        return isinstance(model, VideoClassifier) and super().supports(model)
-
-    @classmethod
-    def supported_families(cls) -> list[str]:
-        return ["visionpeft.vit.VideoClassifier around a timm VisionTransformer (video clips (B, T, C, H, W))"]
 
     def insert(self, model: nn.Module) -> None:
         vit = find_vit(model)

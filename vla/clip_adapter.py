@@ -27,7 +27,7 @@ from torch import nn
 from visionpeft.config import MethodConfig, field
 from visionpeft.errors import ConfigError, UnsupportedModelError
 from visionpeft.vla.prompts import PromptedCLIP, PromptLearner, PromptMethod, _input_dtype
-from visionpeft.vla.zeroshot import ZeroShotClassifier, ZeroShotConfig
+from visionpeft.vla.zeroshot import ZeroShotClassifier, ZeroShotCLIP, ZeroShotConfig
 
 
 @dataclasses.dataclass
@@ -99,7 +99,7 @@ def image_feature_width(clip: nn.Module) -> int:
     raise UnsupportedModelError("clip_adapter: cannot tell the width of this model's image features")
 
 
-class CLIPAdapterCLIP(PromptedCLIP):
+class CLIPAdapterCLIP(ZeroShotCLIP):
     """CLIP with an adapter on the image features and the zero-shot classifier on the text side."""
 
     def __init__(self, clip: nn.Module, classifier: PromptLearner, adapter: Adapter, ratio: float) -> None:
@@ -113,9 +113,6 @@ class CLIPAdapterCLIP(PromptedCLIP):
         features = visual(images.to(_input_dtype(visual))).float()
         adapted = self.adapter(features).float()
         return F.normalize(self.ratio * adapted + (1 - self.ratio) * features, dim=-1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.encode_images(images), self.prompt_learner.weights())
 
 
 class CLIPAdapter(PromptMethod):
